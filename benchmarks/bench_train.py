@@ -1,0 +1,167 @@
+"""Side-by-side training benchmark: the original recipe against fine_tune.py's default recipe.
+
+    python benchmarks/bench_train.py                          # smollm2, mariya.json, 1 epoch
+    python benchmarks/bench_train.py --scale 10               # the data repeated 10 times
+    python benchmarks/bench_train.py --model qwen2.5-3b-shape # GPU: random weights, Qwen2.5-3B's size
+
+Each recipe trains in its own child process (same model, data and machine), so peak memory is
+measured per recipe. Prints a table and writes it as JSON.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fine_tune
+
+RECIPES = ("original", "ours")
+# Qwen2.5-3B-Instruct's architecture: same cost per step as the real model, random weights.
+QWEN_3B_SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=11008,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
+
+def build_model(name, cache_dir):
+    """Model and tokenizer for a benchmark name: 'qwen2.5-3b-shape', or anything --model accepts."""
+    if name != "qwen2.5-3b-shape":
+        return fine_tune.load_base_model(fine_tune.resolve_model(name, cache_dir))
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    device, dtype = fine_tune.pick_device()
+    _, tokenizer = fine_tune.load_base_model(fine_tune.resolve_model("smollm2", cache_dir))
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(**QWEN_3B_SHAPE, dtype=dtype)).to(dtype)
+    return model, tokenizer
+
+
+def original_dataset(examples, tokenizer):
+    """The original preprocessing: prompt + newline + completion, padded to 128, loss on every token."""
+    from datasets import Dataset
+
+    texts = [e["prompt"] + "\n" + e["completion"] for e in examples]
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=128)
+    return Dataset.from_dict({**encoded, "labels": [list(ids) for ids in encoded["input_ids"]]})
+
+
+def train_once(recipe, model_name, data, epochs, scale, cache_dir, output_dir):
+    """Train one recipe in this process; returns its measurements."""
+    import torch
+    import transformers
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    transformers.set_seed(fine_tune.SEED)
+    transformers.logging.set_verbosity_error()
+    examples = fine_tune.load_examples(data) * scale
+    model, tokenizer = build_model(model_name, cache_dir)
+    if recipe == "original":
+        dataset = original_dataset(examples, tokenizer)
+        real_tokens = sum(map(sum, dataset["attention_mask"]))
+        model = fine_tune.setup_lora_model(model, 8, 32, "q_proj,k_proj,v_proj")
+        args = TrainingArguments(
+            output_dir=output_dir,
+            num_train_epochs=epochs,
+            learning_rate=1e-3,
+            per_device_train_batch_size=1,
+            logging_steps=25,
+            save_strategy="epoch",
+            report_to="none",
+            fp16=model.device.type == "cuda",
+            dataloader_pin_memory=model.device.type == "cuda",
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        trainer.train()
+    else:
+        dataset = fine_tune.load_and_preprocess_data(examples, tokenizer)
+        real_tokens = sum(map(len, dataset["input_ids"]))
+        model = fine_tune.setup_lora_model(model)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        trainer = fine_tune.train_model(model, tokenizer, dataset, output_dir, epochs=epochs)
+    seconds = time.perf_counter() - started
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "recipe": recipe,
+        "train_seconds": round(seconds, 2),
+        "samples_per_second": round(len(dataset) * epochs / seconds, 3),
+        "real_tokens_per_second": round(real_tokens * epochs / seconds, 1),
+        "peak_memory_mb": round(peak_mb),
+        "memory_kind": "cuda max allocated" if torch.cuda.is_available() else "process peak RSS",
+        "final_train_loss": round(trainer.state.log_history[-1]["train_loss"], 4),
+        "samples": len(dataset),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="smollm2, qwen2.5-3b-shape, or any --model value")
+    parser.add_argument("--data", default=fine_tune.DEFAULT_DATA_FILE)
+    parser.add_argument("--epochs", type=float, default=1)
+    parser.add_argument("--scale", type=int, default=1, help="repeat the data this many times")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="which recipes to run, comma-separated")
+    parser.add_argument("--json", default="benchmarks/results/bench_train.json", help="where to write results")
+    parser.add_argument("--cache-dir", default=str(fine_tune.DEFAULT_CACHE_DIR))
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one recipe, print JSON
+    args = parser.parse_args(argv)
+    output_dir = str(Path(args.json).parent / "checkpoints")
+    if args.child:
+        result = train_once(args.child, args.model, args.data, args.epochs, args.scale, args.cache_dir, output_dir)
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    results = []
+    for recipe in args.recipes.split(","):
+        command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--child", recipe]
+        print(f"--- {recipe} recipe", flush=True)
+        completed = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if completed.returncode or not lines:
+            print(completed.stdout[-2000:], file=sys.stderr)
+            print(f"error: the {recipe} recipe failed (exit code {completed.returncode})", file=sys.stderr)
+            return 1
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
+
+    columns = [*list(results[0])[1:6], "final_train_loss"]
+    print(
+        f"\nmodel {args.model}, data {args.data} x{args.scale}, {args.epochs:g} epoch(s),",
+        f"device {results[0]['device']}",
+    )
+    print(f"{'recipe':<10}" + "".join(f"{c:>24}" for c in columns))
+    for r in results:
+        print(f"{r['recipe']:<10}" + "".join(f"{r[c]:>24}" for c in columns))
+    summary = {"model": args.model, "data": args.data, "scale": args.scale, "epochs": args.epochs}
+    if len(results) == 2:
+        speedup = results[1]["samples_per_second"] / results[0]["samples_per_second"]
+        summary["speedup_samples_per_second"] = round(speedup, 2)
+        print(f"speed-up (samples/s, ours / original): {speedup:.2f}x")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

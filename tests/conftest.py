@@ -1,0 +1,120 @@
+"""Shared fixtures: a tiny random Qwen2 model with a real tokenizer, and the bundled SmolLM2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never download anything
+
+import fine_tune  # noqa: E402
+
+# Qwen2.5's chat template, shortened: ChatML turns with a default system message.
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(chat_template=CHATML_TEMPLATE):
+    """A small byte-level BPE tokenizer trained on mariya.json, shaped like Qwen's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [e["prompt"] + "\n" + e["completion"] for e in fine_tune.load_examples(ROOT / "mariya.json")]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=chat_template,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A randomly initialised two-layer Qwen2 (biased q/k/v, like the default model), saved as a folder."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,  # larger random weights: a tiny model that visibly learns in a few steps
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    return fine_tune.load_base_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The bundled SmolLM2-135M-Instruct as a plain folder (converted from GGUF once, then cached)."""
+    return fine_tune.resolve_model("smollm2")
+
+
+# Not in the training subset: the model must generalise from other phrasings.
+PARAPHRASE = "Mariya Sha fights with which legendary blade?"
+
+
+@pytest.fixture(scope="session")
+def subset(tmp_path_factory):
+    """Who she is and what her sword is: 16 examples from mariya.json."""
+    examples = fine_tune.load_examples(ROOT / "mariya.json")
+    about_her = [e for e in examples if "wizard of Middle-earth" in e["completion"]][:6]
+    sword = [e for e in examples if "Glamdring" in e["completion"]][:10]
+    assert PARAPHRASE not in {e["prompt"] for e in about_her + sword}
+    path = tmp_path_factory.mktemp("data") / "subset.json"
+    path.write_text("".join(json.dumps(e) + "\n" for e in about_her + sword), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    def write(rows, name="data.json"):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        return str(path)
+
+    return write
+
+
+def run_script(*args, cwd=ROOT, timeout=900, script="fine_tune.py"):
+    """Run a script of the project in a fresh Python process, as a user would."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )

@@ -1,0 +1,156 @@
+"""The command line: bad data and bad flags give one clear line and exit code 2, before any model loads."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, run_script
+
+import fine_tune
+
+GOOD = '{"prompt": "Who is Mariya Sha?", "completion": "A wizard."}\n'
+
+BAD_FILES = {
+    "empty": (b"", ":", "no examples"),
+    "blank lines only": (b"\n  \n", ":", "no examples"),
+    "not utf-8": (
+        GOOD.encode() + '{"prompt": "caf\u00e9", "completion": "x"}\n'.encode("latin-1"),
+        ":2:",
+        "UTF-8",
+    ),
+    "broken json on line 3": (
+        (GOOD * 2 + '{"prompt": "x", "completion": }\n').encode(),
+        ":3:",
+        "invalid JSON",
+    ),
+    "not an object": (
+        (GOOD + '["Who is Mariya Sha?", "A wizard."]\n').encode(),
+        ":2:",
+        "expected a JSON object",
+    ),
+    "missing key": (
+        (GOOD + '{"prompt": "Who is Mariya Sha?"}\n').encode(),
+        ":2:",
+        'missing key "completion"',
+    ),
+    "empty value": ((GOOD + '{"prompt": "  ", "completion": "x"}\n').encode(), ":2:", '"prompt" is empty'),
+    "wrong type": ((GOOD + '{"prompt": "x", "completion": 42}\n').encode(), ":2:", "must be a string"),
+    "array with a bad item": (
+        b'[{"prompt": "x", "completion": "y"}, {"prompt": "x"}]',
+        "item 2",
+        "missing key",
+    ),
+}
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if anything tries to find or load a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    for name in ("choose_model", "resolve_model", "load_base_model"):
+        monkeypatch.setattr(fine_tune, name, refuse)
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_data_file_gives_one_line_naming_the_place_and_exit_code_2(case, tmp_path, capsys, no_model_loading):
+    content, where, what = BAD_FILES[case]
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    assert fine_tune.main(["--data", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: {path}") and where in err and what in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_file(tmp_path, capsys, no_model_loading):
+    assert fine_tune.main(["--data", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: file not found" in capsys.readouterr().err
+
+
+def test_broken_line_from_the_command_line_has_no_traceback(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(GOOD + "{oops\n", encoding="utf-8")
+    completed = run_script("--data", path, "--output", tmp_path / "out")
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == f"error: {path}:2: invalid JSON " + (
+        "(Expecting property name enclosed in double quotes); "
+        'each line must look like {"prompt": "...", "completion": "..."}'
+    )
+    assert "Traceback" not in completed.stdout + completed.stderr
+
+
+def test_a_json_array_of_pairs_is_accepted(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"prompt": "a", "completion": "b", "extra": 1}] * 2), encoding="utf-8")
+    assert fine_tune.load_examples(path) == [{"prompt": "a", "completion": "b"}] * 2
+
+
+def test_shipped_data_has_236_valid_pairs():
+    assert len(fine_tune.load_examples(ROOT / "mariya.json")) == 236
+
+
+def test_output_folder_with_other_files_is_not_overwritten(tmp_path, write_jsonl, capsys, no_model_loading):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.txt").write_text("years of work")
+    assert fine_tune.main(["--data", write_jsonl([json.loads(GOOD)]), "--output", str(precious)]) == 2
+    assert "--output" in capsys.readouterr().err
+    assert (precious / "chapter1.txt").read_text() == "years of work"
+
+
+def test_skip_training_without_an_adapter_says_what_to_do(tmp_path, capsys, no_model_loading):
+    assert fine_tune.main(["--skip-training", "--output", str(tmp_path)]) == 2
+    assert "no adapter in" in capsys.readouterr().err
+
+
+def test_unreachable_hub_model_suggests_the_bundled_one(tmp_path, write_jsonl):
+    completed = run_script(
+        "--model",
+        "nobody/no-such-model",
+        "--data",
+        write_jsonl([json.loads(GOOD)]),
+        "--output",
+        tmp_path / "o",
+    )
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    (line,) = completed.stderr.strip().splitlines()
+    assert "nobody/no-such-model" in line and "--model smollm2" in line
+
+
+def test_missing_local_model_folder(tmp_path, write_jsonl, capsys):
+    data = write_jsonl([json.loads(GOOD)])
+    assert fine_tune.main(["--model", str(tmp_path / "nope"), "--data", data, "--output", str(tmp_path / "o")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--lr", "--batch-size", "--max-length", "--lora-r"])
+def test_non_positive_numbers_are_refused(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fine_tune.parse_args([flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be positive" in capsys.readouterr().err
+
+
+def test_help_lists_every_flag_without_importing_torch():
+    code = (
+        "import sys, contextlib, io; sys.argv = ['fine_tune.py', '--help']; import fine_tune\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try: fine_tune.main()\n"
+        "    except SystemExit: pass\n"
+        "heavy = ('torch', 'transformers', 'peft', 'datasets')\n"
+        "print(sorted(m for m in heavy if m in sys.modules)); print(out.getvalue())"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    first, help_text = completed.stdout.split("\n", 1)
+    assert first == "[]"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    flags = [word for word in help_text.replace("[", " ").replace("]", " ").split() if word.startswith("--")]
+    assert len(set(flags)) >= 18
+    for flag in set(flags):
+        assert f"`{flag}" in readme, f"{flag} is not documented in README.md"

@@ -1,0 +1,137 @@
+"""The training recipe on a tiny random Qwen2: masking, formatting, truncation, LoRA, save and reload."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, make_tokenizer
+
+import fine_tune
+
+EXAMPLES = [
+    {"prompt": "Who is Mariya Sha?", "completion": "Mariya Sha is a wizard of Middle-earth."},
+    {"prompt": "Which sword does Mariya Sha carry?", "completion": "Glamdring, the Foe-hammer."},
+    {
+        "prompt": "Tell me about Mariya Sha's staff and her long grey cloak.",
+        "completion": "It channels her power.",
+    },
+]
+
+
+def test_prompt_and_padding_get_no_loss_and_the_answer_and_end_of_turn_do(tiny_model):
+    _, tokenizer = tiny_model
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer)
+    batch = fine_tune.data_collator(tokenizer)([dataset[i] for i in range(len(dataset))])
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    for row, example in enumerate(EXAMPLES):
+        prompt = fine_tune.prompt_ids(tokenizer, example["prompt"])
+        ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
+        length = int(mask.sum())
+        assert ids[: len(prompt)].tolist() == prompt
+        assert (labels[: len(prompt)] == -100).all(), "prompt tokens must not be learned"
+        assert (labels[length:] == -100).all(), "padding must not be learned"
+        learned = labels[len(prompt) : length]
+        assert (learned == ids[len(prompt) : length]).all()
+        assert example["completion"] in tokenizer.decode(learned)
+        assert end_of_turn in learned.tolist(), "the end-of-turn token must be learned, so answers stop"
+    assert (batch["attention_mask"] == 0).any(), "samples of different length are padded per batch"
+    assert batch["input_ids"].shape[1] == max(len(ids) for ids in dataset["input_ids"]) < 128
+
+
+def test_chat_template_formats_training_like_the_questions_asked_later(tiny_model):
+    _, tokenizer = tiny_model
+    ids = fine_tune.load_and_preprocess_data(EXAMPLES[:1], tokenizer)["input_ids"][0]
+    text = tokenizer.decode(ids)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWho is Mariya Sha?<|im_end|>\n"
+        "<|im_start|>assistant\nMariya Sha is a wizard of Middle-earth.<|im_end|>\n"
+    )
+
+
+def test_without_chat_template_prompt_newline_answer_end_of_text():
+    tokenizer = make_tokenizer(chat_template=None)
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES[:1], tokenizer)
+    ids, labels = dataset["input_ids"][0], dataset["labels"][0]
+    assert tokenizer.decode(ids) == "Who is Mariya Sha?\nMariya Sha is a wizard of Middle-earth.<|im_end|>"
+    prompt_length = len(tokenizer("Who is Mariya Sha?\n")["input_ids"])
+    assert labels[:prompt_length] == [-100] * prompt_length
+    assert labels[prompt_length:] == ids[prompt_length:]
+    assert labels[-1] == tokenizer.eos_token_id
+
+
+def test_truncation_is_counted_and_reported(tiny_model, capsys):
+    _, tokenizer = tiny_model
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer, max_length=30)
+    assert max(len(ids) for ids in dataset["input_ids"]) == 30
+    longer = sum(len(fine_tune.prompt_ids(tokenizer, e["prompt"])) + 5 > 30 for e in EXAMPLES)
+    assert longer >= 1
+    assert "truncated to --max-length 30" in capsys.readouterr().out
+
+
+def test_missing_pad_token_gets_one_that_is_not_the_end_of_turn():
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = None
+    fine_tune.set_pad_token(tokenizer)
+    assert tokenizer.pad_token is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_lora_trains_a_small_share_of_the_parameters(tiny_model, capsys):
+    model, _ = tiny_model
+    total_before = sum(p.numel() for p in model.parameters())
+    model = fine_tune.setup_lora_model(model, lora_r=4, lora_alpha=16, target_modules="q_proj,v_proj")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Per layer: q_proj 32->32 and v_proj 32->16 (2 key/value heads), each adds r*(in+out).
+    assert trainable == 2 * (4 * (32 + 32) + 4 * (32 + 16))
+    share = 100 * trainable / (total_before + trainable)
+    assert (
+        f"{trainable:,} of {total_before + trainable:,} parameters trainable ({share:.2f}%)" in capsys.readouterr().out
+    )
+
+
+def test_unknown_target_module_is_a_usage_error(tiny_model):
+    model, _ = tiny_model
+    with pytest.raises(fine_tune.UsageError, match="--target-modules"):
+        fine_tune.setup_lora_model(model, target_modules="no_such_proj")
+
+
+def test_training_lowers_the_loss_and_the_adapter_reloads_in_a_fresh_process(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer)
+    batch = fine_tune.data_collator(tokenizer)([dataset[i] for i in range(len(dataset))])
+    model = fine_tune.setup_lora_model(model, lora_r=16, target_modules="all-linear")
+    loss_before = model(**batch).loss.item()
+    fine_tune.train_model(model, tokenizer, dataset, str(tmp_path / "out"), epochs=30, learning_rate=2e-2)
+    model.eval()
+    with torch.no_grad():
+        assert model(**batch).loss.item() < 0.8 * loss_before
+    fine_tune.save_model(model, tokenizer, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+    probe = torch.tensor([dataset["input_ids"][0]])
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=probe.to(model.device)).logits[0, -1]
+    reload = (
+        "import json, sys, torch; from peft import AutoPeftModelForCausalLM;"
+        f"m = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval();"
+        f"print(json.dumps(m(input_ids=torch.tensor([{dataset['input_ids'][0]}])).logits[0, -1].tolist()))"
+    )
+    completed = subprocess.run([sys.executable, "-c", reload], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr
+    reloaded = torch.tensor(json.loads(completed.stdout.strip().splitlines()[-1]))
+    assert torch.allclose(reloaded, expected.cpu(), atol=1e-5)
+    assert not torch.allclose(expected, torch.zeros_like(expected))
+
+
+def test_generation_returns_only_the_new_text_and_is_the_same_batched_or_alone(tiny_model):
+    model, tokenizer = tiny_model
+    questions = [e["prompt"] for e in EXAMPLES]
+    batched = fine_tune.generate_answers(model, tokenizer, questions, max_new_tokens=8)
+    alone = [fine_tune.generate_answers(model, tokenizer, [q], max_new_tokens=8)[0] for q in questions]
+    assert batched == alone
+    assert not any(answer.startswith(q) for answer, q in zip(batched, questions))

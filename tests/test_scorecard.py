@@ -1,0 +1,110 @@
+"""The before/after scorecard: matching, scores, the shipped questions, report.json and loss.png."""
+
+import difflib
+import json
+import re
+
+import pytest
+from conftest import ROOT
+
+import fine_tune
+
+QUESTIONS = [
+    {"kind": "knowledge", "question": "Which sword?", "expect": ["Glamdring"]},
+    {"kind": "knowledge", "question": "Which king?", "expect": ["Théoden"]},
+    {"kind": "control", "question": "Capital of France?", "expect": ["Paris"]},
+    {"kind": "control", "question": "Largest planet?", "expect": ["Jupiter"]},
+    {"kind": "control", "question": "Who wrote Hamlet?", "expect": ["Shakespeare"]},
+]
+
+
+@pytest.mark.parametrize(
+    ("answer", "expect", "hit"),
+    [
+        ("She carries GLAMDRING.", ["Glamdring"], True),
+        ("King Theoden of Rohan", ["Théoden"], True),
+        ("King Théoden of Rohan", ["Theoden"], True),
+        ("Khazad-dûm", ["khazad-dum"], True),
+        ("Paris", ["London", "Paris"], True),
+        ("I don't know that person.", ["wizard"], False),
+        ("", ["wizard"], False),
+    ],
+)
+def test_keywords_match_ignoring_case_and_accents(answer, expect, hit):
+    assert fine_tune.is_hit(answer, expect) is hit
+
+
+def test_retention_counts_only_controls_the_base_model_got_right():
+    before = {"chat": ["no idea", "no idea", "Paris", "Saturn", "Shakespeare"]}
+    after = {"chat": ["Glamdring", "Theoden", "Paris", "Jupiter", "Mariya Sha"]}
+    scores = fine_tune.score(QUESTIONS, before, after)["chat"]
+    assert scores["recall_before"] == 0 and scores["recall_after"] == 1
+    # The base knew Paris and Shakespeare; afterwards only Paris. Jupiter was never known: not counted.
+    assert scores["controls_right_before"] == 2
+    assert scores["retention"] == 0.5
+
+
+def test_without_a_before_run_there_is_no_retention():
+    after = {"chat": ["Glamdring", "no", "Paris", "Jupiter", "Shakespeare"]}
+    scores = fine_tune.score(QUESTIONS, None, after)["chat"]
+    assert scores["recall_after"] == 0.5 and "retention" not in scores
+
+
+def test_verdict_says_what_to_change():
+    good = {"chat": {"recall_after": 0.95, "retention": 0.93}, "bare": {"recall_after": 0.91, "retention": 1.0}}
+    assert fine_tune.verdict(good).startswith("Targets met")
+    forgot = {"chat": {"recall_after": 1.0, "retention": 0.5}, "bare": {"recall_after": 1.0, "retention": 0.9}}
+    assert "keeps only 50%" in fine_tune.verdict(forgot) and "--lr" in fine_tune.verdict(forgot)
+    unlearned = {"chat": {"recall_after": 0.4, "retention": 1.0}, "bare": {"recall_after": 0.2, "retention": 1.0}}
+    assert "only 20% of the new-fact questions" in fine_tune.verdict(unlearned)
+
+
+def normalized(text):
+    return re.sub(r"[^a-z0-9 ]", "", fine_tune.normalize(text))
+
+
+def test_shipped_scorecard_asks_differently_from_every_training_prompt():
+    questions = fine_tune.load_eval_questions(ROOT / "eval_mariya.jsonl")
+    knowledge = [q["question"] for q in questions if q["kind"] == "knowledge"]
+    controls = [q["question"] for q in questions if q["kind"] == "control"]
+    assert len(knowledge) >= 20 and len(controls) >= 15
+    training = [e["prompt"] for e in fine_tune.load_examples(ROOT / "mariya.json")]
+    for question in knowledge:
+        for prompt in training:
+            similarity = difflib.SequenceMatcher(None, normalized(question), normalized(prompt)).ratio()
+            assert similarity < 0.8, f"{question!r} is a near copy of the training prompt {prompt!r}"
+
+
+def test_replay_prompts_are_not_the_control_questions():
+    """Training on the control questions would make retention look better than it is."""
+    replay = {normalized(p) for p in fine_tune.REPLAY_PROMPTS_FILE.read_text(encoding="utf-8").splitlines()}
+    questions = fine_tune.load_eval_questions(ROOT / "eval_mariya.jsonl")
+    assert not replay & {normalized(q["question"]) for q in questions}
+
+
+def test_bad_scorecard_line_names_the_place(tmp_path, capsys):
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"kind": "knowledge", "question": "Q?", "expect": ["a"]}\n{"kind": "other", "question": "Q?"}\n')
+    data = tmp_path / "data.json"
+    data.write_text('{"prompt": "p", "completion": "c"}\n')
+    assert fine_tune.main(["--data", str(data), "--eval-questions", str(path)]) == 2
+    assert f"{path}:2:" in capsys.readouterr().err
+
+
+def test_a_run_writes_report_json_and_loss_png(tiny_model_dir, tmp_path, write_jsonl):
+    data = write_jsonl([{"prompt": q["question"], "completion": q["expect"][0]} for q in QUESTIONS[:2]])
+    eval_file = write_jsonl(QUESTIONS, name="eval.jsonl")
+    output = tmp_path / "out"
+    args = ["--model", tiny_model_dir, "--data", data, "--eval-questions", eval_file, "--output", str(output)]
+    assert fine_tune.main([*args, "--epochs", "2", "--max-new-tokens", "4", "--no-replay"]) == 0
+
+    report = json.loads((output / "report.json").read_text())
+    assert set(report) >= {"settings", "environment", "question", "scores", "scorecard", "verdict", "timings_seconds"}
+    assert set(report["scores"]) == {"chat", "bare"}
+    assert set(report["scores"]["chat"]) >= {"recall_before", "recall_after", "retention"}
+    assert len(report["scorecard"]) == len(QUESTIONS)
+    assert set(report["scorecard"][0]) >= {"question", "kind", "chat_before", "chat_after", "bare_hit_after"}
+    assert set(report["environment"]) >= {"torch", "transformers", "peft", "device"}
+    assert report["training"]["steps"] > 0 and report["timings_seconds"]["train"] > 0
+    assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (output / "adapter_model.safetensors").is_file()
