@@ -32,15 +32,16 @@ DEFAULT_EVAL_FILE = "eval_mariya.jsonl"  # scorecard used when --data is mariya.
 REPLAY_PROMPTS_FILE = HERE / "replay_prompts.txt"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fine_tune"
 
-EPOCHS = 10
-LEARNING_RATE = 1e-3
+# Training recipe, measured on SmolLM2-135M with mariya.json (README: "How the defaults were chosen").
+EPOCHS = 3
+LEARNING_RATE = 2e-3
 BATCH_SIZE = 8
 MAX_LENGTH = 128
 LORA_R = 8
 LORA_ALPHA = 32
-LORA_DROPOUT = 0.05
-BARE_SHARE = 0.0  # share of examples formatted without the chat template
-TARGET_MODULES = "q_proj,k_proj,v_proj"
+LORA_DROPOUT = 0.0  # 0.05 cost a fifth of the training speed and did not raise recall
+TARGET_MODULES = "all-linear"  # attention and MLP layers: facts are learned faster than with q/k/v alone
+BARE_SHARE = 0.3  # share of examples taught without the chat template, so bare questions work too
 SEED = 42
 MAX_NEW_TOKENS = 60
 LOGGING_STEPS = 0.05  # a fraction: log the loss 20 times per run, however long it is
@@ -332,8 +333,14 @@ def normalize(text):
 
 
 def is_hit(answer, expect):
-    """An answer counts when it contains any expected keyword (case- and accent-insensitive)."""
-    return any(normalize(keyword) in normalize(answer) for keyword in expect)
+    """An answer counts when it contains any expected keyword, ignoring case and accents.
+
+    A keyword must start a word, and a number must end one: "8" does not match "18", "100" not "1000".
+    """
+    import re
+
+    text = normalize(answer)
+    return any(re.search(rf"(?<!\w){re.escape(normalize(keyword))}(?!\d)", text) for keyword in expect)
 
 
 def score(eval_questions, before, after):
@@ -452,13 +459,12 @@ def setup_lora_model(
     """Step 3: freeze the base model and add small trainable LoRA matrices to the chosen layers."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets = "all-linear" if target_modules == "all-linear" else target_modules.split(",")
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=targets,
+        target_modules="all-linear" if target_modules == "all-linear" else target_modules.split(","),
     )
     try:
         # In fp16/bf16 models peft keeps the LoRA weights in fp32 (autocast_adapter_dtype), so
@@ -724,6 +730,13 @@ def parse_args(argv=None):
         default=True,
         help=f"also train on the base model's own answers to {REPLAY_PROMPTS_FILE.name}, so it keeps what it knew",
     )
+    add(
+        "--bare-share",
+        type=float,
+        default=BARE_SHARE,
+        help="share of examples taught as bare 'prompt, newline, answer' instead of through the chat "
+        "template, so the model also knows the facts when asked without it",
+    )
     add("--epochs", type=float, default=EPOCHS, help="passes over the training data")
     add("--lr", type=float, default=LEARNING_RATE, help="learning rate")
     add("--batch-size", type=int, default=BATCH_SIZE, help="examples per training step")
@@ -769,6 +782,8 @@ def parse_args(argv=None):
         help="allow model code from the hub (only if you trust it)",
     )
     args = parser.parse_args(argv)
+    if not 0 <= args.bare_share <= 1:
+        parser.error("--bare-share must be between 0 and 1")
     for flag in (
         "epochs",
         "lr",
@@ -815,6 +830,8 @@ def run(args):
     if not args.skip_training:
         examples = load_examples(args.data)
         check_output_dir(args.output)
+        if (Path(args.output) / "adapter_config.json").is_file():
+            print(f"The adapter in {args.output} will be replaced by the one trained now.")
     elif not (Path(args.output) / "adapter_config.json").is_file():
         raise UsageError(f"--skip-training: no adapter in {args.output}; train one first or point --output at one")
     model_name, note = choose_model(args.model)
@@ -844,7 +861,7 @@ def run(args):
                 print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
                 examples = examples + replay
                 clock = lap("replay", clock)
-            dataset = load_and_preprocess_data(examples, tokenizer, args.max_length)
+            dataset = load_and_preprocess_data(examples, tokenizer, args.max_length, args.bare_share)
             model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules)
             trainer = train_model(
                 model,
@@ -899,10 +916,13 @@ def run(args):
         plot_loss(trainer.state.log_history, Path(args.output) / "loss.png")
     timings["total"] = round(time.perf_counter() - started, 1)
     report["timings_seconds"] = timings
-    (Path(args.output) / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if "verdict" in report:
         print("\n" + report["verdict"])
-    print(f"Done in {timings['total']:.0f} s. Adapter, report.json and loss.png: {args.output}")
+    if args.skip_training:  # the training run's report.json and loss.png stay as they are
+        print(f"Done in {timings['total']:.0f} s.")
+    else:
+        (Path(args.output) / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        print(f"Done in {timings['total']:.0f} s. Adapter, report.json and loss.png: {args.output}")
     return report
 
 

@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -67,6 +68,8 @@ def train_once(recipe, model_name, data, epochs, scale, cache_dir, output_dir):
 
     transformers.set_seed(fine_tune.SEED)
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     examples = fine_tune.load_examples(data) * scale
     model, tokenizer = build_model(model_name, cache_dir)
     if recipe == "original":

@@ -35,3 +35,5 @@ def test_the_saved_adapter_answers_a_new_phrasing_in_a_fresh_process(trained):
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Glamdring" in completed.stdout.split("After:", 1)[1]
+    report = json.loads((output / "report.json").read_text())
+    assert "training" in report, "testing an adapter leaves the training run's report alone"

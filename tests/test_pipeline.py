@@ -22,7 +22,7 @@ EXAMPLES = [
 
 def test_prompt_and_padding_get_no_loss_and_the_answer_and_end_of_turn_do(tiny_model):
     _, tokenizer = tiny_model
-    dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer)
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer, bare_share=0)
     batch = fine_tune.data_collator(tokenizer)([dataset[i] for i in range(len(dataset))])
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
@@ -43,7 +43,7 @@ def test_prompt_and_padding_get_no_loss_and_the_answer_and_end_of_turn_do(tiny_m
 
 def test_chat_template_formats_training_like_the_questions_asked_later(tiny_model):
     _, tokenizer = tiny_model
-    ids = fine_tune.load_and_preprocess_data(EXAMPLES[:1], tokenizer)["input_ids"][0]
+    ids = fine_tune.load_and_preprocess_data(EXAMPLES[:1], tokenizer, bare_share=0)["input_ids"][0]
     text = tokenizer.decode(ids)
     assert text == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -61,6 +61,19 @@ def test_without_chat_template_prompt_newline_answer_end_of_text():
     assert labels[:prompt_length] == [-100] * prompt_length
     assert labels[prompt_length:] == ids[prompt_length:]
     assert labels[-1] == tokenizer.eos_token_id
+
+
+def test_bare_share_teaches_an_even_share_without_the_template(tiny_model, capsys):
+    _, tokenizer = tiny_model
+    examples = EXAMPLES * 4
+    dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0.25)
+    texts = [tokenizer.decode(ids) for ids in dataset["input_ids"]]
+    bare = [i for i, text in enumerate(texts) if not text.startswith("<|im_start|>")]
+    assert bare == [3, 7, 11], "every fourth example, spread over the data"
+    for i in bare:
+        assert texts[i] == f"{examples[i]['prompt']}\n{examples[i]['completion']}<|im_end|>"
+        assert dataset["labels"][i][-1] == tokenizer.eos_token_id
+    assert "chat template, 25% bare" in capsys.readouterr().out
 
 
 def test_truncation_is_counted_and_reported(tiny_model, capsys):

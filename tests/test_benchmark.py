@@ -1,0 +1,25 @@
+"""The benchmark runs both recipes for real on a tiny model, so it cannot rot (no timing asserted)."""
+
+import json
+
+from conftest import run_script
+
+
+def test_benchmark_trains_both_recipes_and_writes_the_table(tiny_model_dir, write_jsonl, tmp_path):
+    data = write_jsonl([{"prompt": f"Question {i}?", "completion": f"Answer number {i}."} for i in range(6)])
+    result_file = tmp_path / "bench.json"
+    completed = run_script(
+        "--model", tiny_model_dir, "--data", data, "--epochs", "1", "--scale", "2", "--json", result_file,
+        script="benchmarks/bench_train.py",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    table = json.loads(result_file.read_text())
+    original, ours = table["results"]
+    assert (original["recipe"], ours["recipe"]) == ("original", "ours")
+    assert original["samples"] == ours["samples"] == 12
+    for row in (original, ours):
+        assert row["samples_per_second"] > 0 and row["peak_memory_mb"] > 0 and row["final_train_loss"] > 0
+    # The original pads every sample to 128 tokens; ours trains on the real tokens only.
+    assert ours["real_tokens_per_second"] / ours["samples_per_second"] < 128
+    assert table["speedup_samples_per_second"] > 0
+    assert "speed-up (samples/s, ours / original)" in completed.stdout
