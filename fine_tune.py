@@ -834,9 +834,6 @@ def run(args):
             print(f"The adapter in {args.output} will be replaced by the one trained now.")
     elif not (Path(args.output) / "adapter_config.json").is_file():
         raise UsageError(f"--skip-training: no adapter in {args.output}; train one first or point --output at one")
-    model_name, note = choose_model(args.model)
-    if note and not (args.skip_training and args.skip_original):
-        print(note)
 
     import transformers
 
@@ -844,8 +841,15 @@ def run(args):
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # loading bars; training keeps its own
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside peft
-    # With --skip-training and no --model, the base recorded in the adapter is used.
-    base_model = resolve_model(model_name, args.cache_dir) if args.model or not args.skip_training else None
+    if args.skip_training and not args.model:
+        # Testing an adapter: the base model recorded in it.
+        config = json.loads((Path(args.output) / "adapter_config.json").read_text(encoding="utf-8"))
+        model_name = base_model = config["base_model_name_or_path"]
+    else:
+        model_name, note = choose_model(args.model)
+        if note:
+            print(note)
+        base_model = resolve_model(model_name, args.cache_dir)
 
     before, trainer, clock = None, None, time.perf_counter()
     if not (args.skip_original and args.skip_training):

@@ -112,3 +112,7 @@ def test_a_run_writes_report_json_and_loss_png(tiny_model_dir, tmp_path, write_j
     assert report["training"]["steps"] > 0 and report["timings_seconds"]["train"] > 0
     assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (output / "adapter_model.safetensors").is_file()
+
+    # Testing the adapter later, without --model: before and after, on the base recorded in the adapter.
+    assert fine_tune.main(["--skip-training", "--output", str(output), "--eval-questions", "none"]) == 0
+    assert json.loads((output / "report.json").read_text()) == report, "the training report stays as it was"
