@@ -101,7 +101,8 @@ def check_fields(place, item, fields, fix):
             well_typed, text = isinstance(value, str), value
         else:
             well_typed = isinstance(value, list) and all(isinstance(v, str) for v in value)
-            text = "".join(value) if well_typed else ""
+            # An empty keyword would match every answer, so each one must hold text.
+            text = "" if not well_typed or not all(v.strip() for v in value) else " ".join(value)
         if not well_typed:
             expected = "a string" if kind is str else "a list of strings"
             raise UsageError(f'{place}: "{key}" must be {expected}, got {type(value).__name__}; {fix}')
@@ -533,6 +534,13 @@ def save_model(model, tokenizer, output_dir):
     print(f"[5/6] Saved the LoRA adapter to {output_dir} ({size / 1e6:.1f} MB)")
 
 
+def adapter_base_model(adapter_dir):
+    """The base model an adapter was trained on, as recorded in its adapter_config.json."""
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+
+
 def test_finetuned_model(
     adapter_dir,
     question,
@@ -545,11 +553,10 @@ def test_finetuned_model(
 
     base_model defaults to the base recorded in the adapter's config. Returns its answers.
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoTokenizer
 
-    base_model = base_model or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    model, _ = load_base_model(base_model, trust_remote_code)
+    model, _ = load_base_model(base_model or adapter_base_model(adapter_dir), trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = PeftModel.from_pretrained(model, adapter_dir)
     answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens)
@@ -578,8 +585,8 @@ def print_scorecard(eval_questions, before, after, scores):
         if i == 0 or item["kind"] != eval_questions[i - 1]["kind"]:
             print(f"-- {item['kind']} questions " + "-" * 60)
         old = clip(before["chat"][i], 26) if before else "-"
-        verdict = "hit" if hits["hits_after"][i] else "miss"
-        print(f"{'':2}{clip(item['question'], 44):<44} {old:<26} {clip(after['chat'][i], 26):<26} {verdict}")
+        result = "hit" if hits["hits_after"][i] else "miss"
+        print(f"{'':2}{clip(item['question'], 44):<44} {old:<26} {clip(after['chat'][i], 26):<26} {result}")
     print()
     for mode, label in (("chat", "chat template"), ("bare", "bare question")):
         s = scores[mode]
@@ -662,9 +669,8 @@ def environment():
 
     import torch
 
-    versions = {}
-    for package in ("torch", "transformers", "peft", "datasets", "accelerate"):
-        versions[package] = importlib.metadata.version(package)
+    packages = ("torch", "transformers", "peft", "datasets", "accelerate")
+    versions = {package: importlib.metadata.version(package) for package in packages}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else pick_device()[0]
     return {
         "python": platform.python_version(),
@@ -842,9 +848,7 @@ def run(args):
     transformers.utils.logging.disable_progress_bar()  # loading bars; training keeps its own
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside peft
     if args.skip_training and not args.model:
-        # Testing an adapter: the base model recorded in it.
-        config = json.loads((Path(args.output) / "adapter_config.json").read_text(encoding="utf-8"))
-        model_name = base_model = config["base_model_name_or_path"]
+        model_name = base_model = adapter_base_model(args.output)  # testing an adapter: its own base
     else:
         model_name, note = choose_model(args.model)
         if note:

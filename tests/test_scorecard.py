@@ -86,6 +86,13 @@ def test_replay_prompts_are_not_the_control_questions():
     assert not replay & {normalized(q["question"]) for q in questions}
 
 
+def test_an_empty_keyword_is_refused_as_it_would_match_every_answer(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"kind": "knowledge", "question": "Q?", "expect": ["Glamdring", " "]}\n')
+    with pytest.raises(fine_tune.UsageError, match=r'eval.jsonl:1: "expect" is empty'):
+        fine_tune.load_eval_questions(path)
+
+
 def test_bad_scorecard_line_names_the_place(tmp_path, capsys):
     path = tmp_path / "eval.jsonl"
     path.write_text('{"kind": "knowledge", "question": "Q?", "expect": ["a"]}\n{"kind": "other", "question": "Q?"}\n')
