@@ -41,6 +41,25 @@ def test_prompt_and_padding_get_no_loss_and_the_answer_and_end_of_turn_do(tiny_m
     assert batch["input_ids"].shape[1] == max(len(ids) for ids in dataset["input_ids"]) < 128
 
 
+def test_logits_only_for_answers_give_the_same_loss_and_gradients(tiny_model):
+    model, tokenizer = tiny_model
+    model = fine_tune.setup_lora_model(model)
+    assert fine_tune.accepts_logits_to_keep(model)
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer, bare_share=0.5)
+    features = [dataset[i] for i in range(len(dataset))]
+    results = []
+    for answer_logits_only in (False, True):
+        batch = fine_tune.data_collator(tokenizer, answer_logits_only)(features)
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    full, trimmed = results
+    assert trimmed[0] == pytest.approx(full[0], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full[1], trimmed[1]))
+    assert batch["logits_to_keep"] == batch["labels"].shape[1] < batch["input_ids"].shape[1]
+
+
 def test_chat_template_formats_training_like_the_questions_asked_later(tiny_model):
     _, tokenizer = tiny_model
     ids = fine_tune.load_and_preprocess_data(EXAMPLES[:1], tokenizer, bare_share=0)["input_ids"][0]
