@@ -788,6 +788,7 @@ def parse_args(argv=None):
         default=LORA_ALPHA,
         help="LoRA scaling (alpha / r multiplies the update)",
     )
+    add("--lora-dropout", type=float, default=LORA_DROPOUT, help="dropout on the LoRA layers' input")
     add(
         "--target-modules",
         default=TARGET_MODULES,
@@ -819,6 +820,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.bare_share <= 1:
         parser.error("--bare-share must be between 0 and 1")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error("--lora-dropout must be at least 0 and below 1")
     for flag in (
         "epochs",
         "lr",
@@ -899,7 +902,7 @@ def run(args):
                 examples = examples + replay
                 clock = lap("replay", clock)
             dataset = load_and_preprocess_data(examples, tokenizer, args.max_length, args.bare_share)
-            model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules)
+            model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
             trainer = train_model(
                 model,
                 tokenizer,

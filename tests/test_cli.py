@@ -138,6 +138,14 @@ def test_non_positive_numbers_are_refused(flag, capsys):
     assert f"{flag} must be positive" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-0.1", "1"])
+def test_lora_dropout_outside_zero_to_one_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fine_tune.parse_args(["--lora-dropout", value])
+    assert exit_info.value.code == 2
+    assert "--lora-dropout must be at least 0 and below 1" in capsys.readouterr().err
+
+
 def test_help_lists_every_flag_without_importing_torch():
     code = (
         "import sys, contextlib, io; sys.argv = ['fine_tune.py', '--help']; import fine_tune\n"

@@ -107,7 +107,8 @@ def test_a_run_writes_report_json_and_loss_png(tiny_model_dir, tmp_path, write_j
     eval_file = write_jsonl(QUESTIONS, name="eval.jsonl")
     output = tmp_path / "out"
     args = ["--model", tiny_model_dir, "--data", data, "--eval-questions", eval_file, "--output", str(output)]
-    assert fine_tune.main([*args, "--epochs", "2", "--max-new-tokens", "4", "--no-replay"]) == 0
+    settings = ["--epochs", "2", "--max-new-tokens", "4", "--no-replay", "--lora-dropout", "0.05"]
+    assert fine_tune.main([*args, *settings]) == 0
 
     report = json.loads((output / "report.json").read_text())
     assert set(report) >= {"settings", "environment", "question", "scores", "scorecard", "verdict", "timings_seconds"}
@@ -119,6 +120,7 @@ def test_a_run_writes_report_json_and_loss_png(tiny_model_dir, tmp_path, write_j
     assert report["training"]["steps"] > 0 and report["timings_seconds"]["train"] > 0
     assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (output / "adapter_model.safetensors").is_file()
+    assert json.loads((output / "adapter_config.json").read_text())["lora_dropout"] == 0.05
 
     # Testing the adapter later, without --model: before and after, on the base recorded in the adapter.
     assert fine_tune.main(["--skip-training", "--output", str(output), "--eval-questions", "none"]) == 0
