@@ -389,8 +389,20 @@ def make_replay_examples(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKEN
     This replay keeps the adapter close to the base model outside the new facts: without it, a
     small model taught about one person forgets everyday facts or brings her into unrelated answers.
     """
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens)
+    answers = [complete_sentences(a) for a in generate_answers(model, tokenizer, prompts, max_new_tokens)]
     return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a]
+
+
+def complete_sentences(text):
+    """The text up to the end of its last full sentence ("" when it has none).
+
+    Replay answers are cut off at max_new_tokens, mostly mid-sentence; trained on with an end-of-turn
+    token after them, they would teach the model to stop talking mid-sentence.
+    """
+    import re
+
+    ends = [match.end() for match in re.finditer(r"[.!?][\"')\]]*(?=\s|$)", text)]
+    return text[: ends[-1]] if ends else ""
 
 
 # -----------------------------------------------------------------------------

@@ -125,3 +125,17 @@ def test_a_run_writes_report_json_and_loss_png(tiny_model_dir, tmp_path, write_j
     # Testing the adapter later, without --model: before and after, on the base recorded in the adapter.
     assert fine_tune.main(["--skip-training", "--output", str(output), "--eval-questions", "none"]) == 0
     assert json.loads((output / "report.json").read_text()) == report, "the training report stays as it was"
+
+
+@pytest.mark.parametrize(
+    "answer, kept",
+    [
+        ("Berlin is the capital. It has 3.7 million people and a", "Berlin is the capital."),
+        ('She said "Hello." Then she left', 'She said "Hello."'),
+        ("The capital of Canada is Ottawa.", "The capital of Canada is Ottawa."),
+        ("Is it? Yes! It weighs 3.5 kg", "Is it? Yes!"),
+        ("Boil an egg:\n\nBoil an egg", ""),
+    ],
+)
+def test_replay_answers_cut_off_by_the_token_limit_end_at_their_last_full_sentence(answer, kept):
+    assert fine_tune.complete_sentences(answer) == kept
