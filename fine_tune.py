@@ -43,6 +43,7 @@ LORA_DROPOUT = 0.0  # 0.05 cost a fifth of the training speed and did not raise 
 TARGET_MODULES = "all-linear"  # attention and MLP layers: facts are learned faster than with q/k/v alone
 BARE_SHARE = 0.3  # share of examples taught without the chat template, so bare questions work too
 SEED = 42
+ASK_FORMS = ("chat", "bare")  # how the scorecard asks: through the chat template, and as a bare question
 MAX_NEW_TOKENS = 50  # long enough to score: in 14 earlier scorecards no verdict changed after token 50
 GENERATION_BATCH_SIZE = 96  # the 89 scorecard questions in one batch: 15% faster than 64 + 25 on a CPU (35 s vs 41 s)
 LOGGING_STEPS = 0.05  # a fraction: log the loss 20 times per run, however long it is
@@ -279,19 +280,21 @@ def uses_chat_template(tokenizer):
     return bool(tokenizer.chat_template)
 
 
-def prompt_ids(tokenizer, prompt, chat=True):
-    """Token ids that introduce an answer: the chat template's user turn, or the bare `prompt\\n`.
+def prompt_ids(tokenizer, prompt, form="chat"):
+    """Token ids that introduce an answer, in one of the ASK_FORMS.
 
-    Models without a chat template always get the bare form.
+    "chat" is the chat template's user turn; "bare" the question alone, as the original project's
+    text-generation pipeline passes it; "bare-newline" the question and a newline. Models without a
+    chat template are always asked bare.
     """
-    if chat and uses_chat_template(tokenizer):
+    if form == "chat" and uses_chat_template(tokenizer):
         messages = [{"role": "user", "content": prompt}]
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
-    return tokenizer(prompt + "\n")["input_ids"]
+    return tokenizer(prompt + ("\n" if form == "bare-newline" else ""))["input_ids"]
 
 
 def generate_answers(
-    model, tokenizer, questions, max_new_tokens=MAX_NEW_TOKENS, chat=True, batch_size=GENERATION_BATCH_SIZE
+    model, tokenizer, questions, max_new_tokens=MAX_NEW_TOKENS, form="chat", batch_size=GENERATION_BATCH_SIZE
 ):
     """Answer each question greedily, in batches, the same way before and after training.
 
@@ -309,7 +312,7 @@ def generate_answers(
     model.eval()
     answers = []
     for start in range(0, len(questions), batch_size):
-        encoded = [{"input_ids": prompt_ids(tokenizer, q, chat)} for q in questions[start : start + batch_size]]
+        encoded = [{"input_ids": prompt_ids(tokenizer, q, form)} for q in questions[start : start + batch_size]]
         batch = tokenizer.pad(encoded, padding_side="left", return_tensors="pt").to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, generation_config=config)
@@ -318,13 +321,15 @@ def generate_answers(
     return answers
 
 
-def ask_questions(model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS):
-    """The main question, and every scorecard question both through the chat template and bare."""
+def ask_questions(model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, forms=ASK_FORMS):
+    """The main question through the chat template, and every scorecard question in each of `forms`."""
     questions = [question] + [item["question"] for item in eval_questions]
-    chat = generate_answers(model, tokenizer, questions, max_new_tokens, chat=True)
-    answers = {"question": chat[0], "chat": chat[1:]}
-    if eval_questions:
-        answers["bare"] = generate_answers(model, tokenizer, questions[1:], max_new_tokens, chat=False)
+    chat = generate_answers(model, tokenizer, questions, max_new_tokens, form="chat")
+    answers = {"question": chat[0]}
+    for form in forms if eval_questions else ():
+        answers[form] = (
+            chat[1:] if form == "chat" else generate_answers(model, tokenizer, questions[1:], max_new_tokens, form=form)
+        )
     return answers
 
 
@@ -353,8 +358,8 @@ def score(eval_questions, before, after):
     knowledge = [i for i, item in enumerate(eval_questions) if item["kind"] == "knowledge"]
     controls = [i for i, item in enumerate(eval_questions) if item["kind"] == "control"]
     scores = {}
-    for mode in ("chat", "bare"):
-        if mode not in after:
+    for mode in after:
+        if mode == "question":
             continue
         hits_after = [is_hit(a, item["expect"]) for item, a in zip(eval_questions, after[mode])]
         result = {
@@ -431,7 +436,7 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
     truncated = 0
     for index, example in enumerate(examples):
         chat = uses_chat_template(tokenizer) and int((index + 1) * bare_share) == int(index * bare_share)
-        prompt = prompt_ids(tokenizer, example["prompt"], chat)
+        prompt = prompt_ids(tokenizer, example["prompt"], "chat" if chat else "bare-newline")
         if chat:
             messages = [
                 {"role": "user", "content": example["prompt"]},
@@ -865,6 +870,20 @@ def check_output_dir(output_dir):
         raise UsageError(f"--output {output_dir} already holds other files; choose a new or empty folder with --output")
 
 
+def preprocess_options(args):
+    """The flags that shape how examples are tokenized (step 2)."""
+    return {"max_length": args.max_length, "bare_share": args.bare_share}
+
+
+def quiet_libraries():
+    """Only warnings and errors from transformers, and no loading bars (training keeps its own)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside peft
+
+
 def run(args):
     """The pipeline behind the command line. Returns the report it writes."""
     started = time.perf_counter()
@@ -888,9 +907,7 @@ def run(args):
     import transformers
 
     transformers.set_seed(args.seed)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # loading bars; training keeps its own
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside peft
+    quiet_libraries()
     if args.skip_training and not args.model:
         model_name = base_model = adapter_base_model(args.output)  # testing an adapter: its own base
     else:
@@ -913,7 +930,7 @@ def run(args):
                 print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
                 examples = examples + replay
                 clock = lap("replay", clock)
-            dataset = load_and_preprocess_data(examples, tokenizer, args.max_length, args.bare_share)
+            dataset = load_and_preprocess_data(examples, tokenizer, **preprocess_options(args))
             model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
             trainer = train_model(
                 model,

@@ -1,0 +1,118 @@
+"""Recall and retention of a training recipe over several seeds: the measurements behind the defaults.
+
+    python benchmarks/bench_recall.py                              # the default recipe, seeds 42 1 2
+    python benchmarks/bench_recall.py --label r16 -- --lora-r 16   # fine_tune.py flags after --
+
+For each seed it trains as fine_tune.py does (replay included), asks the scorecard in every form
+(chat template, bare question, bare question and newline) and scores the answers against the base
+model's, which are computed once per model and scorecard and cached. One seed proves little on 48
+questions, so it prints each seed, then the mean and the spread, and writes everything as JSON.
+"""
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fine_tune
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FORMS = ("chat", "bare", "bare-newline")
+
+
+def base_answers(model, tokenizer, eval_questions, args):
+    """The base model's scorecard answers in every form, cached by model, scorecard and answer length."""
+    key = json.dumps([args.model, eval_questions, args.max_new_tokens, FORMS], sort_keys=True)
+    path = RESULTS / f"base-answers-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    answers = fine_tune.ask_questions(model, tokenizer, args.question, eval_questions, args.max_new_tokens, FORMS)
+    path.write_text(json.dumps(answers, indent=1, ensure_ascii=False), encoding="utf-8")
+    return answers
+
+
+def train_once(args, seed, eval_questions, output_dir):
+    """One training run of the recipe in `args` with `seed`; returns its scores and training time."""
+    import transformers
+
+    transformers.set_seed(seed)
+    model, tokenizer = fine_tune.load_base_model(fine_tune.resolve_model(args.model, args.cache_dir))
+    before = base_answers(model, tokenizer, eval_questions, args)
+    examples = fine_tune.load_examples(args.data)
+    if args.replay:
+        examples += fine_tune.make_replay_examples(model, tokenizer, fine_tune.load_replay_prompts())
+    dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, **fine_tune.preprocess_options(args))
+    model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
+    started = time.perf_counter()
+    trainer = fine_tune.train_model(
+        model, tokenizer, dataset, output_dir, args.epochs, args.lr, args.batch_size, seed, False
+    )
+    train_seconds = time.perf_counter() - started
+    after = fine_tune.ask_questions(model, tokenizer, args.question, eval_questions, args.max_new_tokens, FORMS)
+    scores = fine_tune.score(eval_questions, before, after)
+    return {
+        "seed": seed,
+        "train_seconds": round(train_seconds, 1),
+        "samples": len(dataset),
+        "final_train_loss": trainer.state.log_history[-1]["train_loss"],
+        "question_answer": after["question"],
+        "scores": {form: {k: v for k, v in s.items() if not k.startswith("hits")} for form, s in scores.items()},
+        "answers": after,
+    }
+
+
+def summary(runs):
+    """Mean and spread (standard deviation, min-max) of each score over the seeds."""
+    table = {}
+    for form in FORMS:
+        for metric in ("recall_after", "retention"):
+            values = [run["scores"][form][metric] for run in runs]
+            table[f"{form} {metric.replace('_after', '')}"] = values
+    table["train seconds"] = [run["train_seconds"] for run in runs]
+    return {
+        name: {
+            "mean": round(statistics.mean(values), 3),
+            "stdev": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
+            "min": min(values),
+            "max": max(values),
+        }
+        for name, values in table.items()
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    parser.add_argument("--label", default="default", help="name of the recipe in the results file")
+    parser.add_argument("recipe", nargs="*", help="fine_tune.py flags (after --)")
+    options = parser.parse_args()
+    args = fine_tune.parse_args(options.recipe)
+    args.model = args.model or fine_tune.choose_model(None)[0]
+    eval_questions = fine_tune.load_eval_questions(fine_tune.eval_file_for(args))
+    fine_tune.quiet_libraries()
+    RESULTS.mkdir(exist_ok=True)
+    runs = []
+    for seed in options.seeds:
+        run = train_once(args, seed, eval_questions, RESULTS / f"recall-{options.label}-seed{seed}")
+        runs.append(run)
+        print(
+            f"{options.label} seed {seed}: "
+            + ", ".join(
+                f"{form} {run['scores'][form]['recall_after']:.0%}/{run['scores'][form]['retention']:.0%}"
+                for form in FORMS
+            )
+            + f", train {run['train_seconds']:.0f} s",
+            flush=True,
+        )
+    result = {"label": options.label, "recipe": options.recipe, "runs": runs, "summary": summary(runs)}
+    (RESULTS / f"recall-{options.label}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    for name, stats in result["summary"].items():
+        print(f"  {name:<24} mean {stats['mean']:.3f}  stdev {stats['stdev']:.3f}  [{stats['min']}, {stats['max']}]")
+
+
+if __name__ == "__main__":
+    main()
