@@ -43,9 +43,9 @@ def train_once(args, seed, eval_questions, output_dir):
     model, tokenizer = fine_tune.load_base_model(fine_tune.resolve_model(args.model, args.cache_dir))
     before = base_answers(model, tokenizer, eval_questions, args)
     examples = fine_tune.load_examples(args.data)
-    if args.replay:
-        examples += fine_tune.make_replay_examples(model, tokenizer, fine_tune.load_replay_prompts())
-    dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, **fine_tune.preprocess_options(args))
+    replay = fine_tune.make_replay_examples(model, tokenizer, fine_tune.load_replay_prompts()) if args.replay else []
+    options = fine_tune.preprocess_options(args, examples)
+    dataset = fine_tune.load_and_preprocess_data(examples + replay, tokenizer, **options)
     model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
     started = time.perf_counter()
     trainer = fine_tune.train_model(
@@ -65,13 +65,23 @@ def train_once(args, seed, eval_questions, output_dir):
     }
 
 
+def one_line(run):
+    """Recall/retention per form, e.g. "chat 46%/81%, bare 40%/n/a", and the training time."""
+    scores = [
+        f"{form} {fine_tune.percent(s['recall_after'])}/{fine_tune.percent(s['retention'])}"
+        for form, s in run["scores"].items()
+    ]
+    return ", ".join(scores) + f", train {run['train_seconds']:.0f} s"
+
+
 def summary(runs):
     """Mean and spread (standard deviation, min-max) of each score over the seeds."""
     table = {}
     for form in FORMS:
         for metric in ("recall_after", "retention"):
             values = [run["scores"][form][metric] for run in runs]
-            table[f"{form} {metric.replace('_after', '')}"] = values
+            if None not in values:  # no retention where the base model answered no control right
+                table[f"{form} {metric.replace('_after', '')}"] = values
     table["train seconds"] = [run["train_seconds"] for run in runs]
     return {
         name: {
@@ -99,15 +109,7 @@ def main():
     for seed in options.seeds:
         run = train_once(args, seed, eval_questions, RESULTS / f"recall-{options.label}-seed{seed}")
         runs.append(run)
-        print(
-            f"{options.label} seed {seed}: "
-            + ", ".join(
-                f"{form} {run['scores'][form]['recall_after']:.0%}/{run['scores'][form]['retention']:.0%}"
-                for form in FORMS
-            )
-            + f", train {run['train_seconds']:.0f} s",
-            flush=True,
-        )
+        print(f"{options.label} seed {seed}: {one_line(run)}", flush=True)
     result = {"label": options.label, "recipe": options.recipe, "runs": runs, "summary": summary(runs)}
     (RESULTS / f"recall-{options.label}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     for name, stats in result["summary"].items():

@@ -71,6 +71,47 @@ def tiny_model_dir(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A randomly initialised two-layer Llama (SmolLM2's architecture), untied output layer, saved as a folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def make_adapter(base_dir, output_dir):
+    """A LoRA adapter on every linear layer of `base_dir` with random (non-zero) weights, saved as training would."""
+    import torch
+
+    model, tokenizer = fine_tune.load_base_model(base_dir)
+    model = fine_tune.setup_lora_model(model)
+    torch.manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would make the adapter a no-op
+            torch.nn.init.normal_(parameter, std=0.05)
+    fine_tune.save_model(model, tokenizer, str(output_dir))
+    return model, tokenizer
+
+
 @pytest.fixture
 def tiny_model(tiny_model_dir):
     return fine_tune.load_base_model(tiny_model_dir)

@@ -76,10 +76,39 @@ def test_without_chat_template_prompt_newline_answer_end_of_text():
     dataset = fine_tune.load_and_preprocess_data(EXAMPLES[:1], tokenizer)
     ids, labels = dataset["input_ids"][0], dataset["labels"][0]
     assert tokenizer.decode(ids) == "Who is Mariya Sha?\nMariya Sha is a wizard of Middle-earth.<|im_end|>"
-    prompt_length = len(tokenizer("Who is Mariya Sha?\n")["input_ids"])
+    prompt_length = len(tokenizer("Who is Mariya Sha?")["input_ids"])
     assert labels[:prompt_length] == [-100] * prompt_length
     assert labels[prompt_length:] == ids[prompt_length:]
     assert labels[-1] == tokenizer.eos_token_id
+
+
+def test_bare_examples_learn_the_newline_so_a_bare_question_gets_an_answer(tiny_model):
+    """A text-generation pipeline passes the question with nothing after it: the model must add the newline."""
+    _, tokenizer = tiny_model
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES[:1], tokenizer, bare_share=1)
+    ids, labels = dataset["input_ids"][0], dataset["labels"][0]
+    question = fine_tune.prompt_ids(tokenizer, "Who is Mariya Sha?", "bare")
+    assert ids[: len(question)] == question and labels[: len(question)] == [-100] * len(question)
+    learned = tokenizer.decode([label for label in labels if label != -100])
+    assert learned == "\nMariya Sha is a wizard of Middle-earth.<|im_end|>"
+
+
+def test_statements_are_learned_on_every_token_next_to_the_pairs(tiny_model, capsys):
+    _, tokenizer = tiny_model
+    texts = [example["completion"] for example in EXAMPLES]
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer, bare_share=0, texts=texts)
+    assert len(dataset) == 2 * len(EXAMPLES)
+    for row, text in zip(dataset.select(range(len(EXAMPLES), len(dataset))), texts):
+        assert tokenizer.decode(row["input_ids"]) == text + "<|im_end|>", "plain text, no template, no question"
+        assert row["labels"] == row["input_ids"], "every token of a statement is learned"
+    assert "6 examples (chat template, 3 statements, none truncated)" in capsys.readouterr().out
+
+
+def test_statements_come_from_the_users_answers_only_and_can_be_turned_off():
+    examples = [{"prompt": "Q?", "completion": "A fact."}]
+    on = fine_tune.preprocess_options(fine_tune.parse_args([]), examples)
+    off = fine_tune.preprocess_options(fine_tune.parse_args(["--no-statements"]), examples)
+    assert on["texts"] == ["A fact."] and off["texts"] == []
 
 
 def test_bare_share_teaches_an_even_share_without_the_template(tiny_model, capsys):

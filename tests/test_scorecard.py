@@ -63,6 +63,35 @@ def test_verdict_says_what_to_change():
     assert "only 20% of the new-fact questions" in fine_tune.verdict(unlearned)
 
 
+def test_coverage_counts_the_training_answers_that_name_each_fact(capsys):
+    examples = [
+        {"prompt": "Her sword?", "completion": "Glamdring, found in a troll hoard."},
+        {"prompt": "What glows blue?", "completion": "GLAMDRING glows near orcs."},
+        {"prompt": "Her king?", "completion": "She rode to Edoras."},
+    ]
+    counts = fine_tune.coverage(examples, QUESTIONS)
+    assert counts == {"Which sword?": 2, "Which king?": 0}, "controls are not counted"
+    assert fine_tune.thin_facts(counts, minimum=2) == [(0, "Which king?")]
+    fine_tune.print_coverage(counts)
+    out = capsys.readouterr().out
+    assert "2 of 2 scorecard facts are named in fewer than 8 answers" in out
+    assert re.search(r"^\s+0\s+Which king\?$", out, re.MULTILINE) and "State these facts in more answers" in out
+
+
+def test_coverage_of_the_shipped_data_names_every_fact_in_eight_answers_or_more():
+    examples = fine_tune.load_examples(ROOT / "mariya.json")
+    counts = fine_tune.coverage(examples, fine_tune.load_eval_questions(ROOT / "eval_mariya.jsonl"))
+    assert fine_tune.thin_facts(counts) == []
+
+
+def test_verdict_names_the_thin_facts_when_recall_is_low():
+    unlearned = {"chat": {"recall_after": 0.4, "retention": 1.0}}
+    counts = {"Which sword?": 12, "Which king?": 2, "Which horse?": 5}
+    verdict = fine_tune.verdict(unlearned, counts)
+    assert "2 of its facts are named in fewer than 8 training answers ('Which king?'; 'Which horse?')" in verdict
+    assert "--epochs" not in verdict
+
+
 def normalized(text):
     return re.sub(r"[^a-z0-9 ]", "", fine_tune.normalize(text))
 
@@ -113,6 +142,7 @@ def test_a_run_writes_report_json_and_loss_png(tiny_model_dir, tmp_path, write_j
     report = json.loads((output / "report.json").read_text())
     assert set(report) >= {"settings", "environment", "question", "scores", "scorecard", "verdict", "timings_seconds"}
     assert set(report["scores"]) == {"chat", "bare"}
+    assert report["coverage"] == {"Which sword?": 1, "Which king?": 1}, "counted before training"
     assert set(report["scores"]["chat"]) >= {"recall_before", "recall_after", "retention"}
     assert len(report["scorecard"]) == len(QUESTIONS)
     assert set(report["scorecard"][0]) >= {"question", "kind", "chat_before", "chat_after", "bare_hit_after"}
