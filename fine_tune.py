@@ -3,11 +3,14 @@
     python fine_tune.py                      # teach the default model about Mariya Sha
     python fine_tune.py --model smollm2      # the small bundled model: offline, minutes on a laptop
     python fine_tune.py --skip-training --question "Which sword does Mariya Sha carry?"
+    python fine_tune.py --skip-training --chat      # talk with it; --merge, --export-gguf to take it along
 
-The pipeline is six steps, each a function you can call on its own (the notebook does):
-test_original_model -> load_and_preprocess_data -> setup_lora_model -> train_model -> save_model
--> test_finetuned_model. Heavy libraries (torch, transformers) are imported inside the functions, so
-`--help` answers at once.
+The file reads top to bottom: defaults; helpers (data, models, questions, scoring, replay); the six
+steps, each a function you can call on its own (the notebook does): test_original_model ->
+load_and_preprocess_data -> setup_lora_model -> train_model -> save_model -> test_finetuned_model;
+then what is done with a trained adapter (chat, merge, GGUF export); reporting; the command line and
+main(). Heavy libraries (torch, transformers) are imported inside the functions, so `--help` answers
+at once.
 """
 
 import argparse
@@ -45,7 +48,9 @@ TARGET_MODULES = "all-linear"  # attention and MLP layers: facts are learned fas
 BARE_SHARE = 0.3  # share of examples taught without the chat template, so bare questions work too
 STATEMENTS = True  # also learn each answer as plain text: facts met in two forms are recalled more often
 SEED = 42
-ASK_FORMS = ("chat", "bare")  # how the scorecard asks: through the chat template, and as a bare question
+# How the scorecard asks: through the chat template; bare, as the original's text-generation pipeline does;
+# and bare with a newline after the question, which base models need to answer bare at all.
+ASK_FORMS = ("chat", "bare", "bare-newline")
 FORM_LABELS = {"chat": "chat template", "bare": "bare question", "bare-newline": "bare + newline"}
 MAX_NEW_TOKENS = 50  # long enough to score: in 14 earlier scorecards no verdict changed after token 50
 GENERATION_BATCH_SIZE = 96  # the 89 scorecard questions in one batch: 15% faster than 64 + 25 on a CPU (35 s vs 41 s)
@@ -951,7 +956,7 @@ def print_comparison(question, before, after):
 
 
 def print_scorecard(eval_questions, before, after, scores):
-    """One row per scorecard question (chat template), then recall and retention for both modes."""
+    """One row per scorecard question (chat template), then recall and retention for each way of asking."""
     hits = scores["chat"]
     print(f"\n{'':2}{'question':<44} {'before':<26} {'after':<26} result")
     for i, item in enumerate(eval_questions):
@@ -965,6 +970,8 @@ def print_scorecard(eval_questions, before, after, scores):
         label = FORM_LABELS[mode]
         recall = f"{percent(s.get('recall_before'))} -> {percent(s['recall_after'])}"
         retention = percent(s.get("retention"))
+        if s.get("controls_right_before") == 0:
+            retention += " (the base model answered no control question this way)"
         print(f"{label:>14}: knowledge recall {recall:<12} retention {retention}")
 
 
@@ -991,23 +998,16 @@ def percent(value):
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
-def verdict(scores, coverage_counts=None):
+def verdict(scores, coverage_counts=None, eval_questions=()):
     """One sentence a learner understands: did the run reach its targets, and if not, what to change."""
     recall = min(s["recall_after"] for s in scores.values())
     retained = [s["retention"] for s in scores.values() if s.get("retention") is not None]
     retention = min(retained) if retained else None
     problems = []
     if recall < TARGET_RECALL:
-        thin = thin_facts(coverage_counts or {})
-        advice = (
-            f"{len(thin)} of its facts are named in fewer than {COVERAGE_MINIMUM} training answers "
-            f"({'; '.join(repr(question) for _, question in thin[:3])}{', ...' if len(thin) > 3 else ''}): "
-            "state them in more answers"
-            if thin
-            else "name each fact in more answers, in other words and from both sides"
-        )
         problems.append(
-            f"it answers only {percent(recall)} of the new-fact questions (target {percent(TARGET_RECALL)}): {advice}"
+            f"it answers only {percent(recall)} of the new-fact questions (target {percent(TARGET_RECALL)}): "
+            + recall_advice(scores, coverage_counts or {}, eval_questions)
         )
     if retention is not None and retention < TARGET_RETENTION:
         problems.append(
@@ -1018,6 +1018,27 @@ def verdict(scores, coverage_counts=None):
         return "Targets not met: " + "; ".join(problems) + "."
     kept = f" and still answers {percent(retention)} of what it knew" if retention is not None else ""
     return f"Targets met: the model answers {percent(recall)} of new-fact questions it never saw{kept}."
+
+
+def recall_advice(scores, coverage_counts, eval_questions):
+    """What to write more of: the facts named in too few answers, else the missed ones, least named first."""
+    thin = thin_facts(coverage_counts)
+    if thin:
+        named = "; ".join(f"{question!r}" for _, question in thin[:3]) + ("; ..." if len(thin) > 3 else "")
+        return (
+            f"{len(thin)} of its facts are named in fewer than {COVERAGE_MINIMUM} training answers ({named}): "
+            "state them in more answers"
+        )
+    hits = scores["chat"].get("hits_after", [])
+    missed = sorted(
+        (coverage_counts[item["question"]], item["question"])
+        for item, hit in zip(eval_questions, hits)
+        if not hit and item["question"] in coverage_counts
+    )
+    if missed:
+        named = "; ".join(f"{question!r} in {count}" for count, question in missed[:3])
+        return f"of the facts it missed, the least named are {named} answers: state those in more answers"
+    return "name each fact in more answers, in other words and from both sides"
 
 
 def plot_loss(log_history, path):
@@ -1389,7 +1410,7 @@ def build_report(args, model_name, base_model, eval_questions, counts, before, a
             mode: {k: v for k, v in s.items() if not k.startswith("hits")} for mode, s in scores.items()
         }
         report["scorecard"] = scorecard_rows(eval_questions, before, after, scores)
-        report["verdict"] = verdict(scores, counts)
+        report["verdict"] = verdict(scores, counts, eval_questions)
         if counts:
             report["coverage"] = counts
     if trainer:

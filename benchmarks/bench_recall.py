@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fine_tune
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FORMS = ("chat", "bare", "bare-newline")
+FORMS = fine_tune.ASK_FORMS
 
 
 def base_answers(model, tokenizer, eval_questions, args):

@@ -92,6 +92,13 @@ def test_verdict_names_the_thin_facts_when_recall_is_low():
     assert "--epochs" not in verdict
 
 
+def test_verdict_names_the_missed_facts_least_named_first_when_none_is_thin():
+    scores = {"chat": {"recall_after": 0.0, "retention": 1.0, "hits_after": [False, False, True, True, True]}}
+    counts = {"Which sword?": 12, "Which king?": 9}
+    verdict = fine_tune.verdict(scores, counts, QUESTIONS)
+    assert "the least named are 'Which king?' in 9; 'Which sword?' in 12 answers" in verdict
+
+
 def normalized(text):
     return re.sub(r"[^a-z0-9 ]", "", fine_tune.normalize(text))
 
@@ -141,7 +148,7 @@ def test_a_run_writes_report_json_and_loss_png(tiny_model_dir, tmp_path, write_j
 
     report = json.loads((output / "report.json").read_text())
     assert set(report) >= {"settings", "environment", "question", "scores", "scorecard", "verdict", "timings_seconds"}
-    assert set(report["scores"]) == {"chat", "bare"}
+    assert set(report["scores"]) == {"chat", "bare", "bare-newline"}
     assert report["coverage"] == {"Which sword?": 1, "Which king?": 1}, "counted before training"
     assert set(report["scores"]["chat"]) >= {"recall_before", "recall_after", "retention"}
     assert len(report["scorecard"]) == len(QUESTIONS)
