@@ -35,7 +35,7 @@ def base_answers(model, tokenizer, eval_questions, args):
     return answers
 
 
-def train_once(args, seed, eval_questions, output_dir):
+def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.REPLAY_PROMPTS_FILE):
     """One training run of the recipe in `args` with `seed`; returns its scores and training time."""
     import transformers
 
@@ -43,7 +43,11 @@ def train_once(args, seed, eval_questions, output_dir):
     model, tokenizer = fine_tune.load_base_model(fine_tune.resolve_model(args.model, args.cache_dir))
     before = base_answers(model, tokenizer, eval_questions, args)
     examples = fine_tune.load_examples(args.data)
-    replay = fine_tune.make_replay_examples(model, tokenizer, fine_tune.load_replay_prompts()) if args.replay else []
+    replay = (
+        fine_tune.make_replay_examples(model, tokenizer, fine_tune.load_replay_prompts(replay_prompts))
+        if args.replay
+        else []
+    )
     options = fine_tune.preprocess_options(args, examples)
     dataset = fine_tune.load_and_preprocess_data(examples + replay, tokenizer, **options)
     model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
@@ -98,6 +102,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--label", default="default", help="name of the recipe in the results file")
+    parser.add_argument("--replay-prompts", default=fine_tune.REPLAY_PROMPTS_FILE, help="general prompts for replay")
     parser.add_argument("recipe", nargs="*", help="fine_tune.py flags (after --)")
     options = parser.parse_args()
     args = fine_tune.parse_args(options.recipe)
@@ -107,7 +112,8 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     runs = []
     for seed in options.seeds:
-        run = train_once(args, seed, eval_questions, RESULTS / f"recall-{options.label}-seed{seed}")
+        output_dir = RESULTS / f"recall-{options.label}-seed{seed}"
+        run = train_once(args, seed, eval_questions, output_dir, options.replay_prompts)
         runs.append(run)
         print(f"{options.label} seed {seed}: {one_line(run)}", flush=True)
     result = {"label": options.label, "recipe": options.recipe, "runs": runs, "summary": summary(runs)}
