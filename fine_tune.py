@@ -750,7 +750,6 @@ def merge_adapter(adapter_dir, base_model, merged_dir, trust_remote_code=False):
         shutil.copy(source, partial / GGUF_SOURCE_MARK)
     (partial / MERGE_MARK).write_text(json.dumps({"base_model": str(base_model), "adapter": str(adapter_dir)}))
     replace_folder(partial, merged_dir)
-    print(f"Merged the adapter into {base_model}: {merged_dir} ({folder_size(merged_dir) / 1e6:.0f} MB)")
     return merged_dir
 
 
@@ -1443,6 +1442,7 @@ def export_model(args, base_model, merged_dir):
         merged = merge_adapter(args.output, base_model, target, args.trust_remote_code)
         if args.merge:
             written[str(merged_dir)] = folder_size(merged_dir)
+            print(f"Merged the adapter into {base_model}: {merged_dir} ({written[str(merged_dir)] / 1e6:.0f} MB)")
         if args.export_gguf:
             name = f"{Path(args.output).resolve().name}-{args.export_gguf}.gguf"
             source = merged / GGUF_SOURCE_MARK  # the model came from a GGUF file: reuse its tokenizer metadata
@@ -1450,6 +1450,7 @@ def export_model(args, base_model, merged_dir):
             gguf_path = Path(export_gguf(merged, Path(args.output) / name, args.export_gguf, source_gguf))
             modelfile = write_modelfile(gguf_path, merged)
             written.update({str(path): path.stat().st_size for path in (gguf_path, modelfile)})
+            print(f"Exported {gguf_path} ({written[str(gguf_path)] / 1e6:.0f} MB) and an Ollama {modelfile.name}")
     return written
 
 
