@@ -80,6 +80,16 @@ def test_merge_refuses_to_replace_a_folder_it_did_not_write(qwen_adapter, capsys
     assert (merged / "model.safetensors").read_text() == "someone else's model"
 
 
+def test_merge_refuses_to_replace_a_merge_of_another_base_model(qwen_adapter, capsys):
+    merged = qwen_adapter / "merged"
+    merged.mkdir(exist_ok=True)
+    (merged / fine_tune.MERGE_MARK).write_text(json.dumps({"base_model": "Qwen/Qwen2.5-3B-Instruct"}))
+    before = {path.name: path.read_bytes() for path in merged.iterdir()}
+    assert fine_tune.main(["--output", str(qwen_adapter), "--skip-training", "--merge"]) == 2
+    assert "merged holds a merge of Qwen/Qwen2.5-3B-Instruct" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in merged.iterdir()} == before, "nothing overwritten"
+
+
 def test_merge_replaces_an_earlier_merge_of_the_same_base(tiny_model_dir, tmp_path, capsys):
     make_adapter(tiny_model_dir, tmp_path / "adapter")
     for _ in range(2):
