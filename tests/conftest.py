@@ -44,58 +44,41 @@ def make_tokenizer(chat_template=CHATML_TEMPLATE):
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A randomly initialised two-layer Qwen2 (biased q/k/v, like the default model), saved as a folder."""
+def save_random_model(folder, architecture, **shape):
+    """A randomly initialised two-layer model ("Qwen2", "Llama") with the tiny tokenizer, saved as a folder."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     tokenizer = make_tokenizer()
-    config = Qwen2Config(
+    config = getattr(transformers, f"{architecture}Config")(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
         initializer_range=0.2,  # larger random weights: a tiny model that visibly learns in a few steps
-        tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **shape,
     )
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(folder)
+    getattr(transformers, f"{architecture}ForCausalLM")(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    """A randomly initialised two-layer Llama (SmolLM2's architecture), untied output layer, saved as a folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Qwen2 (biased q/k/v and tied embeddings, like the default model)."""
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    return save_random_model(folder, "Qwen2", hidden_size=32, intermediate_size=64, tie_word_embeddings=True)
 
-    tokenizer = make_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny Llama (SmolLM2's architecture) with its own, untied output layer."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_random_model(folder, "Llama", hidden_size=64, intermediate_size=128, tie_word_embeddings=False)
 
 
 def make_adapter(base_dir, output_dir):
