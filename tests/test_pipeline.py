@@ -96,19 +96,22 @@ def test_bare_examples_learn_the_newline_so_a_bare_question_gets_an_answer(tiny_
 def test_statements_are_learned_on_every_token_next_to_the_pairs(tiny_model, capsys):
     _, tokenizer = tiny_model
     texts = [example["completion"] for example in EXAMPLES]
-    dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer, bare_share=0, texts=texts)
+    examples = EXAMPLES + [{"text": text} for text in texts]
+    dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0)
     assert len(dataset) == 2 * len(EXAMPLES)
     for row, text in zip(dataset.select(range(len(EXAMPLES), len(dataset))), texts):
         assert tokenizer.decode(row["input_ids"]) == text + "<|im_end|>", "plain text, no template, no question"
         assert row["labels"] == row["input_ids"], "every token of a statement is learned"
-    assert "6 examples (chat template, 3 statements, none truncated)" in capsys.readouterr().out
+    assert "3 pairs (chat template), 3 documents in 3 pieces: 6 rows" in capsys.readouterr().out
 
 
 def test_statements_come_from_the_users_answers_only_and_can_be_turned_off():
     examples = [{"prompt": "Q?", "completion": "A fact."}]
-    on = fine_tune.preprocess_options(fine_tune.parse_args([]), examples)
-    off = fine_tune.preprocess_options(fine_tune.parse_args(["--no-statements"]), examples)
-    assert on["texts"] == ["A fact."] and off["texts"] == []
+    replay = [{"prompt": "2+2?", "completion": "4."}]
+    on = fine_tune.training_examples(fine_tune.parse_args([]), examples, replay)
+    off = fine_tune.training_examples(fine_tune.parse_args(["--no-statements"]), examples, replay)
+    assert on == examples + replay + [{"text": "A fact."}]
+    assert off == examples + replay
 
 
 def test_bare_share_teaches_an_even_share_without_the_template(tiny_model, capsys):
@@ -126,11 +129,14 @@ def test_bare_share_teaches_an_even_share_without_the_template(tiny_model, capsy
 
 def test_truncation_is_counted_and_reported(tiny_model, capsys):
     _, tokenizer = tiny_model
-    dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer, max_length=30)
-    assert max(len(ids) for ids in dataset["input_ids"]) == 30
-    longer = sum(len(fine_tune.prompt_ids(tokenizer, e["prompt"])) + 5 > 30 for e in EXAMPLES)
-    assert longer >= 1
-    assert "truncated to --max-length 30" in capsys.readouterr().out
+    prompts = [len(fine_tune.prompt_ids(tokenizer, e["prompt"])) for e in EXAMPLES]
+    limit = min(prompts) + 3  # room for a few answer tokens of the shortest example only
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer, max_length=limit, bare_share=0)
+    assert max(len(ids) for ids in dataset["input_ids"]) == limit
+    unlearnable = sum(length >= limit for length in prompts)
+    out = capsys.readouterr().out
+    assert f"3 examples are longer than --max-length {limit} and were cut" in out
+    assert unlearnable == 0 or f"{unlearnable} of them with no answer token left" in out
 
 
 def test_missing_pad_token_gets_one_that_is_not_the_end_of_turn():
