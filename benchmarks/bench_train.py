@@ -1,8 +1,13 @@
-"""Side-by-side training benchmark: the original recipe against fine_tune.py's default recipe.
+"""Side-by-side training benchmark: the original recipe against fine_tune.py's recipes.
 
     python benchmarks/bench_train.py                          # smollm2, mariya.json, 1 epoch
     python benchmarks/bench_train.py --scale 10               # the data repeated 10 times
     python benchmarks/bench_train.py --model qwen2.5-3b-shape # GPU: random weights, Qwen2.5-3B's size
+    python benchmarks/bench_train.py --recipes ours,packed,ours-2proc   # padding, packing, 2 processes
+
+Recipes: original (the original project's); ours (fine_tune.py's default: length-grouped batches
+padded to their longest example); packed (--packing: a batch's examples in one row, no padding);
+ours-2proc (the default, data parallel in 2 processes started by torchrun; on a CPU, DDP over gloo).
 
 Each recipe trains in its own child process (same model, data and machine), so peak memory is
 measured per recipe. Prints a table and writes it as JSON.
@@ -21,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fine_tune
 
-RECIPES = ("original", "ours")
+RECIPES = ("original", "ours")  # the default comparison; also "packed" and "ours-2proc"
 # Qwen2.5-3B-Instruct's architecture: same cost per step as the real model, random weights.
 QWEN_3B_SHAPE = dict(
     hidden_size=2048,
@@ -99,7 +104,8 @@ def train_once(recipe, model_name, data, epochs, scale, cache_dir, output_dir):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        trainer = fine_tune.train_model(model, tokenizer, dataset, output_dir, epochs=epochs)
+        packing = recipe == "packed"
+        trainer = fine_tune.train_model(model, tokenizer, dataset, output_dir, epochs=epochs, packing=packing)
     seconds = time.perf_counter() - started
     if torch.cuda.is_available():
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
@@ -114,6 +120,7 @@ def train_once(recipe, model_name, data, epochs, scale, cache_dir, output_dir):
         "memory_kind": "cuda max allocated" if torch.cuda.is_available() else "process peak RSS",
         "final_train_loss": round(trainer.state.log_history[-1]["train_loss"], 4),
         "samples": len(dataset),
+        "processes": fine_tune.processes(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
     }
 
@@ -132,12 +139,15 @@ def main(argv=None):
     output_dir = str(Path(args.json).parent / "checkpoints")
     if args.child:
         result = train_once(args.child, args.model, args.data, args.epochs, args.scale, args.cache_dir, output_dir)
-        print("RESULT " + json.dumps(result))
+        if fine_tune.is_main_process():
+            print("RESULT " + json.dumps(result))
         return 0
 
     results = []
     for recipe in args.recipes.split(","):
-        command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--child", recipe]
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2"] if recipe.endswith("-2proc") else []
+        arguments = argv if argv is not None else sys.argv[1:]
+        command = [sys.executable, *launcher, __file__, *arguments, "--child", recipe]
         print(f"--- {recipe} recipe", flush=True)
         completed = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
@@ -156,10 +166,10 @@ def main(argv=None):
     for r in results:
         print(f"{r['recipe']:<10}" + "".join(f"{r[c]:>24}" for c in columns))
     summary = {"model": args.model, "data": args.data, "scale": args.scale, "epochs": args.epochs}
-    if len(results) == 2:
-        speedup = results[1]["samples_per_second"] / results[0]["samples_per_second"]
-        summary["speedup_samples_per_second"] = round(speedup, 2)
-        print(f"speed-up (samples/s, ours / original): {speedup:.2f}x")
+    for result in results[1:]:
+        speedup = result["samples_per_second"] / results[0]["samples_per_second"]
+        summary[f"speedup_{result['recipe']}"] = round(speedup, 2)
+        print(f"speed-up (samples/s, {result['recipe']} / {results[0]['recipe']}): {speedup:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -79,8 +79,7 @@ def test_broken_line_from_the_command_line_has_no_traceback(tmp_path):
     completed = run_script("--data", path, "--output", tmp_path / "out")
     assert completed.returncode == 2
     assert completed.stderr.strip() == f"error: {path}:2: invalid JSON " + (
-        "(Expecting property name enclosed in double quotes); "
-        + fine_tune.DATA_FIX
+        "(Expecting property name enclosed in double quotes); " + fine_tune.DATA_FIX
     )
     assert "Traceback" not in completed.stdout + completed.stderr
 

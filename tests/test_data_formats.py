@@ -1,0 +1,144 @@
+"""Conversations, documents, CSV and Parquet, and --system-prompt: each read, checked and learned right."""
+
+import csv
+
+import pytest
+import torch
+
+import fine_tune
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer like a bard."},
+    {"role": "user", "content": "Who is Mariya Sha?"},
+    {"role": "assistant", "content": "A wizard of Middle-earth."},
+    {"role": "user", "content": "And her sword?"},
+    {"role": "assistant", "content": "Glamdring, the Foe-hammer."},
+]
+
+
+def labelled_spans(tokenizer, ids, labels):
+    """The decoded runs of tokens that carry a label."""
+    spans, current = [], []
+    for token, label in zip(ids, labels):
+        if label != fine_tune.IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            spans, current = [*spans, current], []
+    return [tokenizer.decode(span) for span in [*spans, current] if span]
+
+
+def test_a_conversation_learns_every_assistant_turn_and_nothing_else(tiny_model):
+    _, tokenizer = tiny_model
+    ids, labels = fine_tune.tokenize_conversation(tokenizer, CONVERSATION)
+    assert labelled_spans(tokenizer, ids, labels) == [
+        "A wizard of Middle-earth.<|im_end|>\n",
+        "Glamdring, the Foe-hammer.<|im_end|>\n",
+    ]
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou answer like a bard.<|im_end|>"), "the system turn as given"
+    assert "You are a helpful assistant" not in text
+
+
+def test_documents_are_cut_into_pieces_that_cover_the_whole_text(tiny_model, capsys):
+    _, tokenizer = tiny_model
+    text = " ".join(e["completion"] for e in fine_tune.load_examples(fine_tune.HERE / "mariya.json")[:20])
+    dataset = fine_tune.load_and_preprocess_data([{"text": text}], tokenizer, max_length=64)
+    whole = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(dataset) == -(-len(whole) // 64) > 1
+    assert [token for row in dataset["input_ids"] for token in row] == whole, "no token dropped or repeated"
+    assert dataset["labels"] == dataset["input_ids"], "every token of a document is learned"
+    assert f"1 documents in {len(dataset)} pieces" in capsys.readouterr().out
+
+
+def test_packed_batch_gives_the_loss_of_the_padded_batch(tiny_model):
+    model, tokenizer = tiny_model
+    examples = [{"messages": CONVERSATION}, {"prompt": "Her horse?", "completion": "Shadowfax."}, {"text": "Hi."}]
+    dataset = fine_tune.load_and_preprocess_data(examples * 2, tokenizer, bare_share=0.5)
+    features = [dataset[i] for i in range(len(dataset))]
+    padded = fine_tune.data_collator(tokenizer)(features)
+    packed = fine_tune.data_collator(tokenizer, packing=True)(features)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in features), "no padding at all"
+    model.eval()
+    with torch.no_grad():
+        assert model(**packed).loss.item() == pytest.approx(model(**padded).loss.item(), rel=1e-4)
+
+
+def test_csv_and_parquet_files_read_like_jsonl(tmp_path, write_jsonl):
+    from datasets import Dataset
+
+    pairs = [{"prompt": "Who is Mariya Sha?", "completion": "A wizard, she said."}, {"prompt": "P", "completion": "C"}]
+    with open(tmp_path / "data.csv", "w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=["prompt", "completion"])
+        writer.writeheader()
+        writer.writerows(pairs)
+    Dataset.from_list(pairs).to_parquet(tmp_path / "data.parquet")
+    Dataset.from_list([{"messages": CONVERSATION}]).to_parquet(tmp_path / "chats.parquet")
+    assert fine_tune.load_examples(write_jsonl(pairs)) == pairs
+    assert fine_tune.load_examples(tmp_path / "data.csv") == pairs
+    assert fine_tune.load_examples(tmp_path / "data.parquet") == pairs
+    assert fine_tune.load_examples(tmp_path / "chats.parquet") == [{"messages": CONVERSATION}]
+
+
+def test_a_csv_row_with_an_empty_cell_is_named(tmp_path):
+    (tmp_path / "data.csv").write_text("prompt,completion\nQ1,A1\nQ2,\n", encoding="utf-8")
+    with pytest.raises(fine_tune.UsageError, match=r"data.csv: row 2: \"completion\" must be a string"):
+        fine_tune.load_examples(tmp_path / "data.csv")
+
+
+BAD_CONVERSATIONS = {
+    "unknown role": ([{"role": "wizard", "content": "x"}], "message 1: unknown role 'wizard'"),
+    "empty content": ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": " "}], "message 2: empty"),
+    "no assistant turn": ([{"role": "user", "content": "Q"}], "no assistant turn"),
+    "ends with a question": (CONVERSATION[:4], "ends without an answer"),
+    "two user turns": (
+        [{"role": "user", "content": "Q"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+        "message 2: user turn where a assistant turn belongs",
+    ),
+    "system turn later": ([*CONVERSATION[1:3], CONVERSATION[0]], "message 3: a system turn may only come first"),
+    "not a list": ("Hello", '"messages" must be a non-empty list'),
+    "message not an object": ([["user", "Q"]], 'message 1: must be an object with "role" and "content"'),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONVERSATIONS)
+def test_a_bad_conversation_is_named_by_line_and_message(case, write_jsonl):
+    messages, expected = BAD_CONVERSATIONS[case]
+    path = write_jsonl([{"messages": CONVERSATION}, {"messages": messages}])
+    with pytest.raises(fine_tune.UsageError) as error:
+        fine_tune.load_examples(path)
+    assert str(error.value).startswith(f"{path}:2: ") and expected in str(error.value)
+
+
+def test_a_file_mixing_formats_is_refused_naming_the_line(write_jsonl):
+    path = write_jsonl([{"prompt": "Q", "completion": "A"}, {"text": "A document."}])
+    with pytest.raises(fine_tune.UsageError, match=r":2: a text record in a file of pairs \(see .*:1\)"):
+        fine_tune.load_examples(path)
+
+
+def test_byte_order_mark_and_windows_line_ends_load_like_plain_utf8(tmp_path):
+    path = tmp_path / "windows.json"
+    path.write_bytes(
+        b"\xef\xbb\xbf" + b'{"prompt": "Q1", "completion": "A1"}\r\n{"prompt": "Q2", "completion": "A2"}\r\n'
+    )
+    assert fine_tune.load_examples(path) == [{"prompt": "Q1", "completion": "A1"}, {"prompt": "Q2", "completion": "A2"}]
+
+
+def test_prompts_given_different_answers_are_named(write_jsonl, capsys):
+    path = write_jsonl(
+        [{"prompt": "Q", "completion": "A"}, {"prompt": "R", "completion": "B"}, {"prompt": "Q ", "completion": "C"}]
+    )
+    fine_tune.load_examples(path)
+    assert f"1 prompts have different answers ({path}:1 and {path}:3)" in capsys.readouterr().out
+
+
+def test_system_prompt_is_in_training_and_in_every_question(tiny_model, tmp_path):
+    _, tokenizer = tiny_model
+    pair = {"prompt": "Who is Mariya Sha?", "completion": "A wizard."}
+    row = fine_tune.load_and_preprocess_data([pair], tokenizer, bare_share=0, system_prompt="Speak as Gandalf.")[0]
+    asked = fine_tune.prompt_ids(tokenizer, pair["prompt"], "chat", "Speak as Gandalf.")
+    assert row["input_ids"][: len(asked)] == asked, "trained exactly as it is asked"
+    assert tokenizer.decode(asked).startswith("<|im_start|>system\nSpeak as Gandalf.<|im_end|>")
+    tokenizer.save_pretrained(tmp_path / "model")
+    modelfile = fine_tune.write_modelfile(tmp_path / "m.gguf", tmp_path / "model", "Speak as Gandalf.")
+    assert modelfile.read_text().splitlines()[-1] == 'SYSTEM """Speak as Gandalf."""'

@@ -1,0 +1,99 @@
+"""Runs that fail say so and lose nothing: NaN losses stop, failed saves keep the old adapter, reports stay private."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_adapter
+from safetensors.torch import load_file
+
+import fine_tune
+
+
+def tiny_run(model_dir, data, output, *extra):
+    return ["--model", str(model_dir), "--data", str(data), "--output", str(output), "--no-replay",
+            "--eval-questions", "none", *extra]  # fmt: skip
+
+
+def test_a_loss_that_becomes_nan_stops_training_with_advice_and_saves_nothing(tiny_model_dir, subset, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert fine_tune.main(tiny_run(tiny_model_dir, subset, output, "--skip-original", "--lr", "1e6")) == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert last_line.startswith("error: the training loss stopped being a number at step ")
+    assert "lower --lr" in last_line
+    assert not (output / "adapter_config.json").exists() and not (output / "report.json").exists()
+
+
+def test_a_failed_save_leaves_the_previous_adapter_loadable_and_unchanged(tiny_model_dir, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    make_adapter(tiny_model_dir, output)
+    old = load_file(output / "adapter_model.safetensors")
+    model, tokenizer = fine_tune.load_finetuned_model(output)
+
+    def disk_full(self, folder, *args, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", disk_full)
+    with pytest.raises(fine_tune.RunFailed, match=r"No space left on device\); the previous one is unchanged"):
+        fine_tune.save_model(model, tokenizer, output)
+    monkeypatch.undo()
+    new = load_file(output / "adapter_model.safetensors")
+    assert all(torch.equal(old[name], new[name]) for name in old)
+    assert not (output / ".adapter.partial").exists()
+    fine_tune.load_finetuned_model(output)
+
+
+def test_a_run_that_learned_nothing_says_so(tiny_model_dir, subset, tmp_path, capsys):
+    assert fine_tune.main(tiny_run(tiny_model_dir, subset, tmp_path / "out", "--lr", "1e-9", "--epochs", "2")) == 0
+    out = capsys.readouterr().out
+    assert "Warning: the training loss did not fall" in out and "--lr too low" in out
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["warning"].startswith("Warning: the training")
+
+
+def test_an_unchanged_answer_is_called_out_when_the_loss_fell():
+    log = [{"loss": value} for value in (3.0, 2.5, 1.0, 0.5)]
+    assert fine_tune.learning_warning({"question": "I do not know."}, {"question": "A wizard."}, log) is None
+    warning = fine_tune.learning_warning({"question": "I do not know."}, {"question": "I do not know."}, log)
+    assert warning.startswith("Warning: the answer to the question did not change")
+
+
+def test_report_holds_no_token_no_environment_and_no_home_folder(tiny_model_dir, subset, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
+    output = home / "runs" / "out"
+    assert fine_tune.main(tiny_run(tiny_model_dir, subset, output, "--skip-original", "--epochs", "1")) == 0
+    text = (output / "report.json").read_text()
+    assert "hf_secret_token_123" not in text and str(home) not in text
+    assert json.loads(text)["settings"]["output"] == "~/runs/out"
+
+
+def test_pickle_weights_load_only_when_allowed(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "old-model"
+    shutil.copytree(tiny_model_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(fine_tune.UsageError, match="pass --allow-pickle if you trust where it came from"):
+        fine_tune.load_base_model(folder)
+    model, _ = fine_tune.load_base_model(folder, allow_pickle=True)
+    assert model.config.model_type == "qwen2"
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_model_dir, tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        model, tokenizer = fine_tune.load_base_model(tiny_model_dir)
+        examples = fine_tune.load_examples(fine_tune.HERE / "mariya.json")[:16]
+        dataset = fine_tune.load_and_preprocess_data(examples, tokenizer)
+        torch.manual_seed(0)  # the same initial LoRA weights
+        model = fine_tune.setup_lora_model(model)
+        output = str(tmp_path / str(checkpointing))
+        fine_tune.train_model(model, tokenizer, dataset, output, epochs=1, gradient_checkpointing=checkpointing)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    plain, checkpointed = results
+    assert all(torch.allclose(plain[name], checkpointed[name], atol=1e-5) for name in plain)
