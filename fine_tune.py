@@ -5,12 +5,14 @@
     python fine_tune.py --skip-training --question "Which sword does Mariya Sha carry?"
     python fine_tune.py --skip-training --chat      # talk with it; --merge, --export-gguf to take it along
 
-The file reads top to bottom: defaults; helpers (data, models, questions, scoring, replay); the six
-steps, each a function you can call on its own (the notebook does): test_original_model ->
-load_and_preprocess_data -> setup_lora_model -> train_model -> save_model -> test_finetuned_model;
-then what is done with a trained adapter (chat, merge, GGUF export); reporting; the command line and
-main(). Heavy libraries (torch, transformers) are imported inside the functions, so `--help` answers
-at once.
+    torchrun --nproc_per_node 2 fine_tune.py # data parallel: one process per GPU (CPU: gloo)
+
+The file reads top to bottom: defaults; helpers (data in three formats, models, questions, scoring,
+replay); the six steps, each a function you can call on its own (the notebook does):
+test_original_model -> load_and_preprocess_data -> setup_lora_model -> train_model (checkpoints, Ctrl-C,
+NaN guard) -> save_model -> test_finetuned_model; then what is done with a trained adapter (chat, merge,
+GGUF export); reporting; the command line (input checks, --resume, several processes) and main().
+Heavy libraries (torch, transformers) are imported inside the functions, so `--help` answers at once.
 """
 
 import argparse
@@ -74,8 +76,10 @@ IGNORE_INDEX = -100  # label value that the loss skips
 CHAT_MAX_NEW_TOKENS = 512  # a chat answer ends at the end-of-turn token long before this
 RUN_FINGERPRINT = "fine_tune_run.json"  # in a checkpoint: the data and settings it was trained with
 # Settings that --resume must find unchanged (with the data's content and the base model).
-RESUME_SETTINGS = ("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr")
-RESUME_SETTINGS += ("batch_size", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit")
+RESUME_SETTINGS = (
+    *("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr", "batch_size"),
+    *("lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit"),
+)
 MERGE_MARK = "fine_tune_merge.json"  # in a merged folder: which base it was merged into
 GGUF_SOURCE_MARK = "gguf_source.txt"  # in a model converted from GGUF: the file it came from
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # what export_gguf converts
@@ -206,7 +210,7 @@ def check_conversation(place, messages):
             raise UsageError(f"{where}: a system turn may only come first")
         expected = "user" if (number - (messages[0]["role"] == "system")) % 2 else "assistant"
         if role != "system" and role != expected:
-            raise UsageError(f"{where}: {role} turn where a {expected} turn belongs (user and assistant take turns)")
+            raise UsageError(f"{where}: {role} turn where the {expected} belongs (user and assistant take turns)")
     if messages[-1]["role"] != "assistant":
         what = "no assistant turn" if all(m["role"] != "assistant" for m in messages) else "ends without an answer"
         raise UsageError(f"{place}: {what}; a conversation must end with an assistant turn")
@@ -220,9 +224,8 @@ def load_examples(data_file):
     {"text"} documents; as JSONL, a JSON array, CSV or Parquet. Runs before any model is loaded,
     so a broken file fails in a second, naming file:line. Warns about prompts given different answers.
     """
-    fix = DATA_FIX
     examples, first_format, answers_by_prompt = [], None, {}
-    for place, item in read_records(data_file, "--data", fix):
+    for place, item in read_records(data_file, "--data", DATA_FIX):
         kind = data_format(item)
         first_format = first_format or (kind, place)
         if kind != first_format[0]:
@@ -234,12 +237,12 @@ def load_examples(data_file):
             examples.append({"messages": check_conversation(place, item["messages"])})
             continue
         fields = ("text",) if kind == "text" else ("prompt", "completion")
-        check_fields(place, item, dict.fromkeys(fields, str), fix)
+        check_fields(place, item, dict.fromkeys(fields, str), DATA_FIX)
         examples.append({key: item[key] for key in fields})
         if kind == "pairs":
             answers_by_prompt.setdefault(item["prompt"].strip(), {}).setdefault(item["completion"].strip(), place)
     if not examples:
-        raise UsageError(f"{data_file}: no examples found; {fix}")
+        raise UsageError(f"{data_file}: no examples found; {DATA_FIX}")
     conflicts = [places for places in answers_by_prompt.values() if len(places) > 1]
     if conflicts:
         shown = "; ".join(" and ".join(places.values()) for places in conflicts[:3])
@@ -693,7 +696,7 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
         counts["messages" if "messages" in example else "pairs"] += 1
     truncated = sum(len(ids) > max_length for ids, _ in rows)
     # Where the answer of each pair or conversation starts: past max_length, it teaches nothing.
-    first_learned = [rows[i][1].index(next(x for x in rows[i][1] if x != IGNORE_INDEX)) for i in answers]
+    first_learned = [next(pos for pos, label in enumerate(rows[i][1]) if label != IGNORE_INDEX) for i in answers]
     unlearnable = sum(first >= max_length for first in first_learned)
     if answers and unlearnable == len(answers):
         raise UsageError(
@@ -716,9 +719,10 @@ def tokenize_conversation(tokenizer, messages):
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(render(tokenizer, messages[:index], add_generation_prompt=True))
+        asked = render(tokenizer, messages[:index], add_generation_prompt=True)
         turn = render(tokenizer, messages[: index + 1])
-        if ids[: len(turn)] != turn or turn[:start] != render(tokenizer, messages[:index], add_generation_prompt=True):
+        start = len(asked)
+        if ids[: len(turn)] != turn or turn[:start] != asked:
             raise UsageError(
                 "the model's chat template renders earlier turns differently once an answer follows; "
                 "this model is not supported yet"
@@ -1912,6 +1916,8 @@ def run(args):
             print_coverage(counts)
     elif not (Path(args.output) / "adapter_config.json").is_file():
         raise UsageError(f"--skip-training: no adapter in {args.output}; train one first or point --output at one")
+    elif args.system_prompt is None:
+        args.system_prompt = trained_system_prompt(args.output)
     if args.chat and processes() > 1:
         raise UsageError("--chat runs in one process: afterwards, python fine_tune.py --skip-training --chat")
     if args.load_in_4bit:
@@ -2026,6 +2032,17 @@ def run(args):
             model, tokenizer = load_finetuned_model(args.output, base_model, **loading)
         chat(model, tokenizer, args.temperature, system_prompt=args.system_prompt)
     return report
+
+
+def trained_system_prompt(output_dir):
+    """The --system-prompt the adapter in output_dir was trained with (from its report.json), or None."""
+    report = Path(output_dir) / "report.json"
+    if not report.is_file():
+        return None
+    system_prompt = json.loads(report.read_text(encoding="utf-8")).get("settings", {}).get("system_prompt")
+    if system_prompt:
+        print(f"Using the system prompt the adapter was trained with: {system_prompt!r}")
+    return system_prompt
 
 
 def adapter_use_only(args):

@@ -24,10 +24,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = fine_tune.ASK_FORMS
 
 
-def base_answers(model, tokenizer, eval_questions, args):
+def base_answers(model, tokenizer, eval_questions, args, results=RESULTS):
     """The base model's scorecard answers in every form, cached by model, scorecard and answer length."""
     key = json.dumps([args.model, eval_questions, args.max_new_tokens, FORMS], sort_keys=True)
-    path = RESULTS / f"base-answers-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    path = Path(results) / f"base-answers-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     answers = fine_tune.ask_questions(model, tokenizer, args.question, eval_questions, args.max_new_tokens, forms=FORMS)
@@ -35,25 +35,30 @@ def base_answers(model, tokenizer, eval_questions, args):
     return answers
 
 
-def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.REPLAY_PROMPTS_FILE):
+def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.REPLAY_PROMPTS_FILE, results=RESULTS):
     """One training run of the recipe in `args` with `seed`; returns its scores and training time."""
     import transformers
 
     transformers.set_seed(seed)
     model, tokenizer = fine_tune.load_base_model(fine_tune.resolve_model(args.model, args.cache_dir))
-    before = base_answers(model, tokenizer, eval_questions, args)
+    before = base_answers(model, tokenizer, eval_questions, args, results)
     examples = fine_tune.load_examples(args.data)
     replay = (
         fine_tune.make_replay_examples(model, tokenizer, fine_tune.load_replay_prompts(replay_prompts))
         if args.replay
         else []
     )
-    options = fine_tune.preprocess_options(args, examples)
-    dataset = fine_tune.load_and_preprocess_data(examples + replay, tokenizer, **options)
+    dataset = fine_tune.load_and_preprocess_data(
+        fine_tune.training_examples(args, examples, replay),
+        tokenizer,
+        args.max_length,
+        args.bare_share,
+        args.system_prompt,
+    )
     model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
     started = time.perf_counter()
     trainer = fine_tune.train_model(
-        model, tokenizer, dataset, output_dir, args.epochs, args.lr, args.batch_size, seed, False
+        model, tokenizer, dataset, output_dir, args.epochs, args.lr, args.batch_size, seed, packing=args.packing
     )
     train_seconds = time.perf_counter() - started
     after = fine_tune.ask_questions(model, tokenizer, args.question, eval_questions, args.max_new_tokens, forms=FORMS)
@@ -98,26 +103,27 @@ def summary(runs):
     }
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--label", default="default", help="name of the recipe in the results file")
     parser.add_argument("--replay-prompts", default=fine_tune.REPLAY_PROMPTS_FILE, help="general prompts for replay")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON results and adapters")
     parser.add_argument("recipe", nargs="*", help="fine_tune.py flags (after --)")
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     args = fine_tune.parse_args(options.recipe)
     args.model = args.model or fine_tune.choose_model(None)[0]
     eval_questions = fine_tune.load_eval_questions(fine_tune.eval_file_for(args))
     fine_tune.quiet_libraries()
-    RESULTS.mkdir(exist_ok=True)
+    options.results.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in options.seeds:
-        output_dir = RESULTS / f"recall-{options.label}-seed{seed}"
-        run = train_once(args, seed, eval_questions, output_dir, options.replay_prompts)
+        output_dir = options.results / f"recall-{options.label}-seed{seed}"
+        run = train_once(args, seed, eval_questions, output_dir, options.replay_prompts, options.results)
         runs.append(run)
         print(f"{options.label} seed {seed}: {one_line(run)}", flush=True)
     result = {"label": options.label, "recipe": options.recipe, "runs": runs, "summary": summary(runs)}
-    (RESULTS / f"recall-{options.label}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    (options.results / f"recall-{options.label}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     for name, stats in result["summary"].items():
         print(f"  {name:<24} mean {stats['mean']:.3f}  stdev {stats['stdev']:.3f}  [{stats['min']}, {stats['max']}]")
 

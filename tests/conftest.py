@@ -67,6 +67,19 @@ def save_random_model(folder, architecture, **shape):
     return str(folder)
 
 
+def save_pickle_only_copy(model_dir, folder):
+    """A copy of a model folder as older transformers wrote them: its weights in a pickled pytorch_model.bin."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(model_dir, folder)
+    torch.save(load_file(Path(folder) / "model.safetensors"), Path(folder) / "pytorch_model.bin")
+    (Path(folder) / "model.safetensors").unlink()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Qwen2 (biased q/k/v and tied embeddings, like the default model)."""

@@ -1,4 +1,4 @@
-"""The benchmark runs both recipes for real on a tiny model, so it cannot rot (no timing asserted)."""
+"""The benchmarks run for real on a tiny model, so they cannot rot (no timing asserted)."""
 
 import json
 
@@ -23,3 +23,25 @@ def test_benchmark_trains_both_recipes_and_writes_the_table(tiny_model_dir, writ
     assert ours["real_tokens_per_second"] / ours["samples_per_second"] < 128
     assert table["speedup_ours"] > 0
     assert "speed-up (samples/s, ours / original)" in completed.stdout
+
+
+def test_recall_benchmark_trains_each_seed_and_summarises_the_scores(tiny_model_dir, write_jsonl, tmp_path):
+    data = write_jsonl([{"prompt": f"Question {i}?", "completion": f"Answer number {i}."} for i in range(6)])
+    scorecard = write_jsonl(
+        [
+            {"kind": "knowledge", "question": "Question 1, again?", "expect": ["number 1"]},
+            {"kind": "control", "question": "Question 2?", "expect": ["Answer"]},
+        ],
+        name="scorecard.json",
+    )
+    completed = run_script(
+        "--seeds", "1", "2", "--label", "tiny", "--results", tmp_path / "results", "--",
+        "--model", tiny_model_dir, "--data", data, "--eval-questions", scorecard, "--epochs", "1",
+        "--max-new-tokens", "4",
+        script="benchmarks/bench_recall.py",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "recall-tiny.json").read_text())
+    assert [run["seed"] for run in result["runs"]] == [1, 2]
+    assert set(result["summary"]) >= {"chat recall", "bare recall", "train seconds"}
+    assert "tiny seed 2: chat " in completed.stdout

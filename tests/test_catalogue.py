@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_adapter
+from conftest import ROOT, make_adapter, save_pickle_only_copy
 
 import fine_tune
 
@@ -36,14 +36,7 @@ def gone_base(tmp_path, tiny):
 
 
 def pickle_only(tmp_path, tiny):
-    """A model folder as older transformers wrote them: weights in a pickled pytorch_model.bin."""
-    import torch
-    from safetensors.torch import load_file
-
-    folder = tmp_path / "old-model"
-    shutil.copytree(tiny["qwen2"], folder)
-    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
-    (folder / "model.safetensors").unlink()
+    folder = save_pickle_only_copy(tiny["qwen2"], tmp_path / "old-model")
     return ["--data", data_file(tmp_path), "--model", folder, "--output", tmp_path / "out", *fast()]
 
 

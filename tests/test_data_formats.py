@@ -1,6 +1,7 @@
 """Conversations, documents, CSV and Parquet, and --system-prompt: each read, checked and learned right."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -86,6 +87,8 @@ def test_a_csv_row_with_an_empty_cell_is_named(tmp_path):
         fine_tune.load_examples(tmp_path / "data.csv")
 
 
+PAIR_LINE = json.dumps({"prompt": "Who is Mariya Sha?", "completion": "A wizard."}) + "\n"
+
 BAD_CONVERSATIONS = {
     "unknown role": ([{"role": "wizard", "content": "x"}], "message 1: unknown role 'wizard'"),
     "empty content": ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": " "}], "message 2: empty"),
@@ -93,7 +96,7 @@ BAD_CONVERSATIONS = {
     "ends with a question": (CONVERSATION[:4], "ends without an answer"),
     "two user turns": (
         [{"role": "user", "content": "Q"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
-        "message 2: user turn where a assistant turn belongs",
+        "message 2: user turn where the assistant belongs",
     ),
     "system turn later": ([*CONVERSATION[1:3], CONVERSATION[0]], "message 3: a system turn may only come first"),
     "not a list": ("Hello", '"messages" must be a non-empty list'),
@@ -142,3 +145,22 @@ def test_system_prompt_is_in_training_and_in_every_question(tiny_model, tmp_path
     tokenizer.save_pretrained(tmp_path / "model")
     modelfile = fine_tune.write_modelfile(tmp_path / "m.gguf", tmp_path / "model", "Speak as Gandalf.")
     assert modelfile.read_text().splitlines()[-1] == 'SYSTEM """Speak as Gandalf."""'
+
+
+def test_a_trained_system_prompt_is_used_again_when_the_adapter_is_used_later(tmp_path, capsys):
+    (tmp_path / "report.json").write_text(json.dumps({"settings": {"system_prompt": "Speak as Gandalf."}}))
+    assert fine_tune.trained_system_prompt(tmp_path) == "Speak as Gandalf."
+    assert "trained with: 'Speak as Gandalf.'" in capsys.readouterr().out
+    assert fine_tune.trained_system_prompt(tmp_path / "no-report") is None
+
+
+def test_a_line_over_ten_megabytes_loads_and_is_cut_with_a_warning(tiny_model, tmp_path, capsys):
+    _, tokenizer = tiny_model
+    huge = "Mariya Sha carries Glamdring. " * 360_000  # 10.8 MB on one line
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps({"prompt": "Tell me everything.", "completion": huge}) + "\n" + PAIR_LINE, "utf-8")
+    assert path.stat().st_size > 10_000_000
+    examples = fine_tune.load_examples(path)
+    dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0)
+    assert max(len(ids) for ids in dataset["input_ids"]) == fine_tune.MAX_LENGTH
+    assert "Warning: 1 examples are longer than --max-length 128 and were cut" in capsys.readouterr().out

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_adapter
+from conftest import make_adapter, save_pickle_only_copy
 from safetensors.torch import load_file
 
 import fine_tune
@@ -72,12 +72,7 @@ def test_report_holds_no_token_no_environment_and_no_home_folder(tiny_model_dir,
 
 
 def test_pickle_weights_load_only_when_allowed(tiny_model_dir, tmp_path):
-    import shutil
-
-    folder = tmp_path / "old-model"
-    shutil.copytree(tiny_model_dir, folder)
-    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
-    (folder / "model.safetensors").unlink()
+    folder = save_pickle_only_copy(tiny_model_dir, tmp_path / "old-model")
     with pytest.raises(fine_tune.UsageError, match="pass --allow-pickle if you trust where it came from"):
         fine_tune.load_base_model(folder)
     model, _ = fine_tune.load_base_model(folder, allow_pickle=True)
