@@ -1810,9 +1810,9 @@ def checkpoint_to_resume(args, fingerprint):
     saved = json.loads((checkpoints[0] / RUN_FINGERPRINT).read_text(encoding="utf-8"))
     changed = [name for name in fingerprint if saved.get(name) != fingerprint[name]]
     if changed:
-        what = ", ".join("the data file" if name == "data_sha256" else flag_name(name) for name in changed)
+        what = ", ".join("data file" if name == "data_sha256" else flag_name(name) for name in changed)
         raise UsageError(
-            f"--resume: {latest} was trained with another {what}; run with the same ones to continue, "
+            f"--resume: {latest} was trained with a different {what}; run with the same ones to continue, "
             f"or pass --resume {latest} to continue with the new ones anyway"
         )
     return latest

@@ -2,6 +2,7 @@
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,11 +71,13 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_it(tiny_m
 
 
 def test_a_killed_run_resumes_to_the_adapter_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    whole = run_script(*train_args(tiny_model_dir, tmp_path / "whole", "--epochs", "6"))
+    data = tmp_path / "data.json"
+    shutil.copy(ROOT / "mariya.json", data)
+    whole = run_script(*train_args(tiny_model_dir, tmp_path / "whole", "--epochs", "6", "--data", data))
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     output = tmp_path / "killed"
-    args = train_args(tiny_model_dir, output, "--epochs", "6", "--save-steps", "25")
+    args = train_args(tiny_model_dir, output, "--epochs", "6", "--save-steps", "25", "--data", data)
     process = start(*args)
     # Killed in the second epoch (59 steps each), so the resumed run must also replay the epoch's batch order.
     wait_for(lambda: (output / "checkpoint-75" / fine_tune.RUN_FINGERPRINT).exists(), process)
@@ -83,11 +86,17 @@ def test_a_killed_run_resumes_to_the_adapter_of_an_uninterrupted_run(tiny_model_
     assert not (output / "adapter_config.json").exists(), "killed before it finished"
 
     changed = run_script(*args, "--lr", "0.001", "--resume")
-    assert changed.returncode == 2 and "was trained with another --lr" in changed.stderr
+    assert changed.returncode == 2 and "was trained with a different --lr; run with the same" in changed.stderr
+    original = data.read_text(encoding="utf-8")
+    data.write_text(original + '{"prompt": "One more?", "completion": "Yes."}\n', encoding="utf-8")
+    edited = run_script(*args, "--resume")
+    assert edited.returncode == 2 and "was trained with a different data file" in edited.stderr
+    data.write_text(original, encoding="utf-8")
 
-    resumed = run_script(*args, "--resume")
+    resumed = run_script(*args, "--resume", "--keep-checkpoints")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming from" in resumed.stdout
+    assert fine_tune.complete_checkpoints(output), "kept, as asked"
     expected, got = adapter_weights(tmp_path / "whole"), adapter_weights(output)
     assert expected.keys() == got.keys()
     for name in expected:

@@ -92,3 +92,13 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_model_dir, tmp_p
         results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     plain, checkpointed = results
     assert all(torch.allclose(plain[name], checkpointed[name], atol=1e-5) for name in plain)
+
+
+def test_overwrite_replaces_an_adapter_trained_on_another_base_model(tiny_model_dir, tiny_llama_dir, subset, tmp_path):
+    output = tmp_path / "out"
+    make_adapter(tiny_llama_dir, output)
+    argv = tiny_run(tiny_model_dir, subset, output, "--skip-original", "--epochs", "1")
+    assert fine_tune.main(argv) == 2
+    assert fine_tune.adapter_base_model(output) == tiny_llama_dir, "refused without --overwrite, nothing changed"
+    assert fine_tune.main([*argv, "--overwrite"]) == 0
+    assert fine_tune.adapter_base_model(output) == tiny_model_dir

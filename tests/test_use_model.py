@@ -99,7 +99,7 @@ def test_merge_replaces_an_earlier_merge_of_the_same_base(tiny_model_dir, tmp_pa
     assert "Merged the adapter" in report and "[6/6]" not in report, "only merging: no questions asked"
 
 
-def chat_with(model, tokenizer, lines, monkeypatch):
+def chat_with(model, tokenizer, lines, monkeypatch, system_prompt=None):
     """Run the chat with `lines` as stdin, recording the length of every prompt the model is given."""
     lengths = []
     generate = model.generate
@@ -110,7 +110,7 @@ def chat_with(model, tokenizer, lines, monkeypatch):
 
     monkeypatch.setattr(model, "generate", recording_generate)
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
-    fine_tune.chat(model, tokenizer, max_new_tokens=4)
+    fine_tune.chat(model, tokenizer, max_new_tokens=4, system_prompt=system_prompt)
     return lengths
 
 
@@ -124,6 +124,14 @@ def test_chat_keeps_the_conversation_until_reset(tiny_model, monkeypatch, capsys
     assert after_reset < follow_up and after_reset == len(fine_tune.prompt_ids(tokenizer, "And her sword?"))
     out = capsys.readouterr().out
     assert out.count("model> ") == 3 and "(conversation forgotten)" in out and out.rstrip().endswith("Bye.")
+
+
+def test_chat_asks_after_the_system_prompt_also_after_reset(tiny_model, monkeypatch):
+    model, tokenizer = tiny_model
+    question, system = "Who is Mariya Sha?", "Speak as Gandalf."
+    lengths = chat_with(model, tokenizer, [question, "/reset", question], monkeypatch, system_prompt=system)
+    assert lengths[0] == lengths[1] == len(fine_tune.prompt_ids(tokenizer, question, "chat", system))
+    assert lengths[0] != len(fine_tune.prompt_ids(tokenizer, question, "chat"))
 
 
 def test_chat_answers_stream_as_they_are_generated(tiny_model, monkeypatch, capsys):
