@@ -2135,18 +2135,19 @@ def main(argv=None):
     args = parse_args(argv)
     if not is_main_process():  # the main process speaks for all
         sys.stdout = open(os.devnull, "w")
+    code = 0
     try:
         run(args)
     except UsageError as err:
-        return fail(f"error: {err}", 2)
+        code = fail(f"error: {err}", 2)
     except RunFailed as err:
-        return fail(f"error: {err}", 1)
+        code = fail(f"error: {err}", 1)
     except Interrupted as err:
         resume = shlex.join(["python", "fine_tune.py", *(a for a in argv if a != "--resume"), "--resume"])
-        return fail(f"Interrupted: checkpoint saved in {err}. To continue: {resume}", 130)
+        code = fail(f"Interrupted: checkpoint saved in {err}. To continue: {resume}", 130)
     except KeyboardInterrupt:
-        return fail("interrupted", 130)
-    return 0
+        code = fail("interrupted", 130)
+    return leave_processes(code)
 
 
 def fail(message, code):
@@ -2155,5 +2156,25 @@ def fail(message, code):
     return code
 
 
+def leave_processes(code):
+    """With several processes: all end with the main one's exit code, and leave the process group together
+    (a process that exits while the group is still open in another makes gloo abort it)."""
+    if processes() == 1 or "torch" not in sys.modules:
+        return code
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return code
+    box = [code]
+    dist.broadcast_object_list(box, src=0)
+    dist.destroy_process_group()
+    return box[0]
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if processes() > 1:  # leave at once: at interpreter exit, threads of the closed gloo group can abort the process
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)
