@@ -678,22 +678,22 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
     from datasets import Dataset
 
     rows, counts = [], dict.fromkeys(DATA_FORMATS, 0)
-    pairs, answers = 0, []  # answers: rows of pairs and conversations (the rest are documents)
+    answers = []  # the rows of pairs and conversations (the others are pieces of documents)
     for example in examples:
-        if "text" in example:
+        kind = data_format(example)
+        if kind == "text":
             ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
             rows += [(ids[start : start + max_length],) * 2 for start in range(0, len(ids), max_length)]
-            counts["text"] += 1
-            continue
-        if "messages" in example:
-            messages, bare = example["messages"], False
+        elif kind == "messages":
+            answers.append(len(rows))
+            rows.append(tokenize_conversation(tokenizer, example["messages"]))
         else:
+            index = counts["pairs"]
+            bare = not uses_chat_template(tokenizer) or int((index + 1) * bare_share) != int(index * bare_share)
             messages = conversation(example["prompt"], example["completion"], system_prompt)
-            bare = not uses_chat_template(tokenizer) or int((pairs + 1) * bare_share) != int(pairs * bare_share)
-            pairs += 1
-        answers.append(len(rows))
-        rows.append(tokenize_bare(tokenizer, example) if bare else tokenize_conversation(tokenizer, messages))
-        counts["messages" if "messages" in example else "pairs"] += 1
+            answers.append(len(rows))
+            rows.append(tokenize_bare(tokenizer, example) if bare else tokenize_conversation(tokenizer, messages))
+        counts[kind] += 1
     truncated = sum(len(ids) > max_length for ids, _ in rows)
     # Where the answer of each pair or conversation starts: past max_length, it teaches nothing.
     first_learned = [next(pos for pos, label in enumerate(rows[i][1]) if label != IGNORE_INDEX) for i in answers]
@@ -705,7 +705,7 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
         )
     rows = [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
     dataset = Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
-    print(f"[2/6] Tokenized {describe_rows(counts, len(rows), pairs, bare_share, tokenizer)}")
+    print(f"[2/6] Tokenized {describe_rows(counts, len(rows), bare_share, tokenizer)}")
     if truncated:
         lost = f", {unlearnable} of them with no answer token left" if unlearnable else ""
         print(f"Warning: {truncated} examples are longer than --max-length {max_length} and were cut{lost}")
@@ -738,7 +738,7 @@ def tokenize_bare(tokenizer, example):
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
-def describe_rows(counts, rows, pairs, bare_share, tokenizer):
+def describe_rows(counts, rows, bare_share, tokenizer):
     """What step 2 made, in words: "236 pairs (chat template, 30% bare), 236 documents in 240 pieces"."""
     parts = []
     if counts["pairs"]:
@@ -1863,7 +1863,7 @@ def from_main_process(make):
     """
     if processes() == 1:
         return make()
-    from accelerate.utils import broadcast_object_list
+    import torch.distributed as dist
 
     box = [None]
     if is_main_process():
@@ -1871,7 +1871,7 @@ def from_main_process(make):
             box[0] = make()
         except (UsageError, RunFailed) as err:
             box[0] = err
-    broadcast_object_list(box, from_process=0)
+    dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], Exception):
         raise box[0]
     return box[0]
@@ -1931,13 +1931,13 @@ def run(args):
     quiet_libraries()
     if args.skip_training and not args.model:
         model_name = base_model = adapter_base_model(args.output)  # testing an adapter: its own base
-        if not Path(base_model).expanduser().exists() and not Path(base_model).is_absolute():
-            base_model = resolve_model(base_model, args.cache_dir)  # a hub id: reachable or cached?
-        elif not Path(base_model).exists():
+        if Path(base_model).is_absolute() and not Path(base_model).exists():
             raise UsageError(
                 f"--skip-training: the adapter in {args.output} was trained on {base_model}, which is not there "
                 "any more; pass its base with --model"
             )
+        if not Path(base_model).exists():
+            base_model = resolve_model(base_model, args.cache_dir)  # a hub id: cached, or reachable?
     else:
         model_name, note = choose_model(args.model)
         if note:
