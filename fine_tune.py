@@ -60,8 +60,30 @@ MAX_NEW_TOKENS = 50  # long enough to score: in 14 earlier scorecards no verdict
 GENERATION_BATCH_SIZE = 96  # the 89 scorecard questions in one batch: 15% faster than 64 + 25 on a CPU (35 s vs 41 s)
 LOGGING_STEPS = 0.05  # a fraction: log the loss 20 times per run, however long it is
 COVERAGE_MINIMUM = 8  # training answers that should name each fact the scorecard asks
+PER_QUESTION = ("hits_before", "hits_after", "leaked_terms")  # score lists kept in report.json's scorecard rows
+TAUGHT_MIN_ANSWERS = 3  # a word in this many training answers, and in no everyday answer, counts as taught
 TARGET_RECALL = 0.9  # share of new-fact questions answered right after training
 TARGET_RETENTION = 0.9  # share of everyday questions still answered right
+
+# --precision: what the model computes in (training, replay, questions, chat); auto picks the fastest that the
+# hardware computes natively. oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below its bf16 ones:
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+# What each number flag accepts (a test and its words): values outside make no sense and are refused.
+NUMBER_FLAGS = {
+    **dict.fromkeys(
+        ("epochs", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens"),
+        (lambda value: 0 < value < float("inf"), "a positive number"),
+    ),
+    "bare_share": (lambda value: 0 <= value <= 1, "between 0 and 1"),
+    "lora_dropout": (lambda value: 0 <= value < 1, "at least 0 and below 1"),
+    "temperature": (lambda value: 0 <= value < float("inf"), "0 or more"),
+    "save_steps": (lambda value: value >= 0, "0 or more"),
+    "seed": (lambda value: 0 <= value < 2**32, "between 0 and 4294967295"),  # what numpy's seed accepts
+    "kl_weight": (lambda value: 0 <= value < float("inf"), "0 or more"),
+    "neftune": (lambda value: value is None or 0 < value < float("inf"), "a positive number"),
+}
 
 # The training data formats, detected per file from the keys of its records (JSONL, JSON, CSV or Parquet).
 DATA_FORMATS = {
@@ -370,27 +392,81 @@ def check_hub_reachable(model_id):
 
 
 def pick_device():
-    """The best device and weight dtype here: CUDA in bf16 (fp16 on older GPUs), Apple MPS, or CPU."""
+    """Where the model runs: a CUDA GPU, Apple's MPS, or the CPU."""
     import torch
 
     if torch.cuda.is_available():
-        return (
-            "cuda",
-            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
-        )
-    if torch.backends.mps.is_available():
-        return "mps", torch.float32
-    return "cpu", torch.float32
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, load_in_4bit=False):
+def choose_precision(requested="auto"):
+    """(precision, why): the number format the model computes in here, one of PRECISIONS, and why, in words.
+
+    auto: bf16 mixed precision where the hardware computes bf16 natively (CUDA GPUs from Ampere on; CPUs with
+    AVX-512 BF16 or AMX), fp16 on older CUDA GPUs, float32 elsewhere. On a CPU without native bf16, bf16 is
+    emulated and many times slower than float32 (measured: 20x), so auto must not pick it there.
+    """
+    import torch
+
+    device = pick_device()
+    if device == "cuda":
+        native = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if requested == "bf16" and native == "fp16":
+            raise UsageError("--precision bf16: this GPU has no bf16 support; use --precision fp16 or fp32")
+        if requested == "auto":
+            return native, f"{torch.cuda.get_device_name()} computes {native} natively"
+        return requested, "chosen with --precision"
+    if requested == "fp16" or (device == "mps" and requested == "bf16"):
+        raise UsageError(f"--precision {requested} needs a CUDA GPU; here use --precision auto or fp32")
+    if device == "mps":
+        return "fp32", "Apple MPS"
+    fast, why = cpu_bf16_is_fast()
+    if requested == "auto":
+        return ("bf16" if fast else "fp32"), why
+    if requested == "bf16" and not fast:
+        return "bf16", f"chosen with --precision, although {why}: expect it to be many times slower than fp32"
+    return requested, "chosen with --precision"
+
+
+def cpu_bf16_is_fast():
+    """(fast, why): whether the CPU's matrix kernels (oneDNN) will multiply in bf16 with native instructions.
+
+    oneDNN uses AVX-512 BF16 or AMX when the processor has them, unless ONEDNN_MAX_CPU_ISA (or its old name
+    DNNL_MAX_CPU_ISA) caps it below them; without them it emulates bf16, slower than float32.
+    """
+    import torch
+
+    has = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if not torch.backends.mkldnn.is_available() or not (has or has_amx):
+        return False, "this CPU has no native bf16 instructions (AVX-512 BF16 or AMX)"
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        cap = os.environ.get(variable, "").strip().upper()
+        if cap in ONEDNN_ISAS_WITHOUT_BF16:
+            return False, f"{variable}={cap} keeps the matrix kernels from this CPU's bf16 instructions"
+    return True, f"this CPU has {'AMX' if has_amx else 'AVX-512 BF16'}"
+
+
+def describe_precision(precision, why):
+    """The run's line about precision: which, and why."""
+    names = {"bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision", "fp32": "float32"}
+    return f"Precision: {names[precision]} ({why}; --precision to choose)"
+
+
+def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, load_in_4bit=False, precision="fp32"):
     """Load model and tokenizer once; the same load serves the "before" test and training.
 
-    Weights load from safetensors only, unless allow_pickle: a pickled .bin file can run code.
+    Weights load from safetensors only, unless allow_pickle: a pickled .bin file can run code. `precision`
+    (see choose_precision) is what every forward pass computes in: training, replay, questions and chat.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    device, dtype = pick_device()
+    device = pick_device()
+    # On CUDA the weights are loaded in the precision itself; on a CPU they stay float32 (see below).
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) if device == "cuda" else None
+    dtype = dtype or torch.float32
     if device == "cuda" and processes() > 1:  # one GPU per process; ZeRO-3 places the weights itself
         device = None if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else f"cuda:{local_rank()}"
     quantization = None
@@ -416,6 +492,10 @@ def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, loa
                 "pass --allow-pickle if you trust where it came from"
             ) from None
         raise UsageError(f"--model {model_path}: could not load it ({first_line})") from None
+    if precision == "bf16" and model.device.type == "cpu":
+        # As accelerate does for mixed precision: the weights stay float32 (and so do merges and exports),
+        # while every forward pass multiplies in bf16, here twice as fast as float32 (benchmarks/README.md).
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
     model.config.use_cache = False  # a KV cache in training would also mix packed examples' attention
     tokenizer.padding_side = "right"  # for training; generation pads on the left explicitly
     set_pad_token(tokenizer)
@@ -507,27 +587,41 @@ def generate_answers(
 
     Returns only the newly generated text of each answer.
     """
+    prompts = [prompt_ids(tokenizer, question, form, system_prompt) for question in questions]
+    return [decode(tokenizer, ids) for ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+def generate_ids(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=GENERATION_BATCH_SIZE):
+    """The token ids greedy generation adds to each prompt (a list of ids), up to its first end token."""
     import torch
     from transformers import GenerationConfig
 
+    ends = end_token_ids(model, tokenizer)
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=ends
     )
     model.eval()
     answers = []
-    for start in range(0, len(questions), batch_size):
-        encoded = [
-            {"input_ids": prompt_ids(tokenizer, q, form, system_prompt)} for q in questions[start : start + batch_size]
-        ]
+    for start in range(0, len(prompts), batch_size):
+        encoded = [{"input_ids": ids} for ids in prompts[start : start + batch_size]]
         batch = tokenizer.pad(encoded, padding_side="left", return_tensors="pt").to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, generation_config=config)
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        for new in output[:, batch["input_ids"].shape[1] :].tolist():
+            end = next((i for i, token in enumerate(new) if token in ends), len(new) - 1)
+            answers.append(new[: end + 1])
     return answers
+
+
+def end_token_ids(model, tokenizer):
+    """The tokens that end an answer: the model's end-of-turn token(s), else the tokenizer's."""
+    ends = model.generation_config.eos_token_id
+    ends = tokenizer.eos_token_id if ends is None else ends
+    return ends if isinstance(ends, list) else [ends]
+
+
+def decode(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def ask_questions(
@@ -537,11 +631,39 @@ def ask_questions(
     questions = [question] + [item["question"] for item in eval_questions]
     chat = generate_answers(model, tokenizer, questions, max_new_tokens, "chat", system_prompt)
     answers = {"question": chat[0]}
-    for form in forms if eval_questions else ():
-        answers[form] = (
-            chat[1:] if form == "chat" else generate_answers(model, tokenizer, questions[1:], max_new_tokens, form)
-        )
-    return answers
+    if not eval_questions:
+        return answers
+    asked = questions[1:]
+    newline = generate_ids(model, tokenizer, [prompt_ids(tokenizer, q, "bare-newline") for q in asked], max_new_tokens)
+    by_form = {
+        "chat": lambda: chat[1:],
+        "bare": lambda: bare_answers(model, tokenizer, asked, newline, max_new_tokens),
+        "bare-newline": lambda: [decode(tokenizer, ids) for ids in newline],
+    }
+    return answers | {form: by_form[form]() for form in forms}
+
+
+def bare_answers(model, tokenizer, questions, newline_answers, max_new_tokens=MAX_NEW_TOKENS):
+    """The bare questions' answers, given the answers (token ids) to the same questions with a newline after them.
+
+    A bare question whose first answer token is that newline goes on exactly as its bare + newline form did:
+    greedy generation sees the same tokens, so it gives the same ones. Only the other questions are generated in
+    full (before training, a few; after it, the newline is learned: almost none). Saves a third of a scorecard.
+    """
+    prompts = [prompt_ids(tokenizer, question, "bare") for question in questions]
+    firsts = generate_ids(model, tokenizer, prompts, max_new_tokens=1)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    answers, rest = {}, []
+    for index, (question, prompt, first) in enumerate(zip(questions, prompts, firsts)):
+        if first[0] in end_token_ids(model, tokenizer):
+            answers[index] = first  # nothing to say
+        elif first == newline and prompt_ids(tokenizer, question, "bare-newline") == prompt + newline:
+            answers[index] = first + newline_answers[index][: max_new_tokens - 1]
+        else:
+            rest.append(index)
+    generated = generate_ids(model, tokenizer, [prompts[index] for index in rest], max_new_tokens)
+    answers.update(zip(rest, generated))
+    return [decode(tokenizer, answers[index]) for index in range(len(questions))]
 
 
 def normalize(text):
@@ -563,9 +685,10 @@ def is_hit(answer, expect):
     return any(re.search(rf"(?<!\w){re.escape(normalize(keyword))}(?!\d)", text) for keyword in expect)
 
 
-def score(eval_questions, before, after):
-    """Per mode (chat, bare): knowledge recall before and after, and retention, the share of the
-    control questions the base model answered right that the fine-tuned model still answers right."""
+def score(eval_questions, before, after, taught=None):
+    """Per way of asking: knowledge recall before and after; retention, the share of the control questions
+    the base model answered right that the fine-tuned model still answers right; and leaks, the control
+    answers that now name something only the training data could have taught (see taught_terms)."""
     knowledge = [i for i, item in enumerate(eval_questions) if item["kind"] == "knowledge"]
     controls = [i for i, item in enumerate(eval_questions) if item["kind"] == "control"]
     scores = {}
@@ -586,8 +709,49 @@ def score(eval_questions, before, after):
                 controls_right_before=len(kept),
                 hits_before=hits_before,
             )
+        if before and taught is not None:
+            leaked = [
+                leaked_terms(item["question"], before[mode][i], after[mode][i], taught) if i in controls else []
+                for i, item in enumerate(eval_questions)
+            ]
+            result.update(leaks=sum(bool(terms) for terms in leaked), controls=len(controls), leaked_terms=leaked)
         scores[mode] = result
     return scores
+
+
+def words(text):
+    """The words of a text, lower case without accents ("Théoden's" -> "theoden's"), of three letters or more."""
+    import re
+
+    return {word.strip("'-") for word in re.findall(r"[^\W\d_][\w'-]+", normalize(text)) if len(word.strip("'-")) > 2}
+
+
+def taught_terms(training_answers, everyday_answers, min_answers=TAUGHT_MIN_ANSWERS):
+    """The words only the training data could have taught: named in `min_answers` or more training answers,
+    and in none of the base model's own everyday answers (to the control questions and the replay prompts).
+
+    Names ("Mariya", "Glamdring") and the words of the new world ("cloak", "wizard") qualify; words that the
+    base model uses anyway do not. Works for any data: nothing here knows what the data is about.
+    """
+    from collections import Counter
+
+    everyday = set().union(*map(words, everyday_answers))
+    counts = Counter(word for answer in training_answers for word in words(answer))
+    return {word for word, count in counts.items() if count >= min_answers and word not in everyday}
+
+
+def leaked_terms(question, before, after, taught):
+    """The taught words in an everyday answer that neither the question nor the base model's answer named."""
+    return sorted((words(after) & taught) - words(before) - words(question))
+
+
+def everyday_answers(eval_questions, before, replay=()):
+    """The base model's answers to the control questions (every way of asking) and to the replay prompts."""
+    answers = [example["completion"] for example in replay]
+    for mode, texts in (before or {}).items():
+        if mode != "question":
+            answers += [text for item, text in zip(eval_questions, texts) if item["kind"] == "control"]
+    return answers
 
 
 def share(hits, indices):
@@ -679,8 +843,11 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
 
     rows, counts = [], dict.fromkeys(DATA_FORMATS, 0)
     answers = []  # the rows of pairs and conversations (the others are pieces of documents)
+    from_base = set()  # the rows that hold the base model's own answers (replay)
     for example in examples:
         kind = data_format(example)
+        if example.get("from_base"):
+            from_base.add(len(rows))
         if kind == "text":
             ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
             rows += [(ids[start : start + max_length],) * 2 for start in range(0, len(ids), max_length)]
@@ -704,7 +871,10 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
             f"{min(first_learned)} tokens); use --max-length {max(2 * min(first_learned), MAX_LENGTH)} or more"
         )
     rows = [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
-    dataset = Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
+    columns = {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]}
+    if any(example.get("from_base") for example in examples):  # the base model's own answers, for distill_loss
+        columns["from_base"] = [int(row in from_base) for row in range(len(rows))]
+    dataset = Dataset.from_dict(columns)
     print(f"[2/6] Tokenized {describe_rows(counts, len(rows), bare_share, tokenizer)}")
     if truncated:
         lost = f", {unlearnable} of them with no answer token left" if unlearnable else ""
@@ -771,11 +941,16 @@ def data_collator(tokenizer, answer_logits_only=False, packing=False):
     if packing:
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    if not answer_logits_only:
-        return pad
 
     def collate(features):
+        import torch
+
+        from_base = [feature.pop("from_base", 0) for feature in features]
         batch = pad(features)
+        if any(from_base):
+            batch["from_base"] = torch.tensor(from_base, dtype=torch.bool)
+        if not answer_logits_only:
+            return batch
         labelled = (batch["labels"] != IGNORE_INDEX).any(dim=0).nonzero()
         # The logit at position i predicts token i + 1, so keep one position before the first answer token.
         start = max(int(labelled[0]) - 1, 0) if len(labelled) else batch["labels"].shape[1] - 1
@@ -858,6 +1033,8 @@ def train_model(
     save_steps=0,
     resume_from=None,
     fingerprint=None,
+    kl_weight=0.0,
+    neftune_alpha=None,
 ):
     """Step 4: train the LoRA weights with transformers' Trainer. Returns the Trainer.
 
@@ -894,9 +1071,11 @@ def train_model(
         use_cpu=model.device.type == "cpu",
         ddp_backend="gloo" if model.device.type == "cpu" and processes() > 1 else None,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs time
+        remove_unused_columns=not kl_weight,  # distillation needs the from_base column
+        neftune_noise_alpha=neftune_alpha,
     )
     guard = run_guard(seed, fingerprint)
-    trainer = Trainer(
+    trainer = (distilling_trainer(kl_weight) if kl_weight else Trainer)(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -928,6 +1107,40 @@ def train_model(
     if guard.interrupted:
         raise Interrupted(str(Path(output_dir) / f"checkpoint-{trainer.state.global_step}"))
     return trainer
+
+
+def distilling_trainer(kl_weight):
+    """A Trainer whose loss adds kl_weight x KL(base model || fine-tuned model) on the rows that hold the base
+    model's own answers (replay): it keeps the base model's whole distribution there, not only its greedy
+    answer (self-distillation, as in Learning without Forgetting). The base model is the model itself with
+    its adapter switched off, so it costs one more forward pass over those rows and no memory."""
+    from transformers import Trainer
+
+    class DistillingTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from_base = inputs.pop("from_base", None)
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            if from_base is not None:
+                divergence = base_divergence(self.accelerator.unwrap_model(model), inputs, outputs.logits, from_base)
+                loss = loss + kl_weight * divergence
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillingTrainer
+
+
+def base_divergence(model, inputs, logits, rows):
+    """Mean KL(base || model) over the answer tokens of the batch's `rows`, the base being `model` (a PeftModel)
+    with its adapter off."""
+    import torch
+
+    labels = inputs["labels"][rows]
+    asked = {key: inputs[key][rows] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**asked, logits_to_keep=labels.shape[1]).logits
+    answer = labels[:, 1:] != IGNORE_INDEX  # the logit at position i predicts token i + 1
+    student = logits[rows][:, :-1][answer].float().log_softmax(-1)
+    teacher = base[:, :-1][answer].float().log_softmax(-1)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def run_guard(seed, fingerprint=None):
@@ -1375,6 +1588,8 @@ def print_scorecard(eval_questions, before, after, scores):
             print(f"-- {item['kind']} questions " + "-" * 60)
         old = clip(before["chat"][i], 26) if before else "-"
         result = "hit" if hits["hits_after"][i] else "miss"
+        if hits.get("leaked_terms", [[]] * len(eval_questions))[i]:
+            result += ", leak: " + ", ".join(hits["leaked_terms"][i])
         print(f"{'':2}{clip(item['question'], 44):<44} {old:<26} {clip(after['chat'][i], 26):<26} {result}")
     print()
     for mode, s in scores.items():
@@ -1383,7 +1598,8 @@ def print_scorecard(eval_questions, before, after, scores):
         retention = percent(s.get("retention"))
         if s.get("controls_right_before") == 0:
             retention += " (the base model answered no control question this way)"
-        print(f"{label:>14}: knowledge recall {recall:<12} retention {retention}")
+        leaks = f"leaks {s['leaks']} of {s['controls']}" if "leaks" in s else ""
+        print(f"{label:>14}: knowledge recall {recall:<12} retention {retention:<5} {leaks}".rstrip())
 
 
 def scorecard_rows(eval_questions, before, after, scores):
@@ -1396,6 +1612,8 @@ def scorecard_rows(eval_questions, before, after, scores):
                 if answers:
                     row[f"{mode}_{when}"] = answers[mode][i]
                     row[f"{mode}_hit_{when}"] = scores[mode][f"hits_{when}"][i]
+            if scores[mode].get("leaked_terms", [[]] * len(eval_questions))[i]:
+                row[f"{mode}_leaked"] = scores[mode]["leaked_terms"][i]
         rows.append(row)
     return rows
 
@@ -1499,7 +1717,7 @@ def environment():
 
     packages = ("torch", "transformers", "peft", "datasets", "accelerate")
     versions = {package: importlib.metadata.version(package) for package in packages}
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else pick_device()[0]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else pick_device()
     return {
         "python": platform.python_version(),
         "device": device,
@@ -1558,6 +1776,16 @@ def parse_args(argv=None):
         help=f"also train on the base model's own answers to {REPLAY_PROMPTS_FILE.name}, so it keeps what it knew",
     )
     data.add_argument(
+        "--contrast",
+        action="store_true",
+        help="also train on the base model's answers to some of your prompts asked about someone else",
+    )
+    data.add_argument(
+        "--name-pairs",
+        action="store_true",
+        help='also train on "Tell me about NAME." for each name your answers teach',
+    )
+    data.add_argument(
         "--max-length",
         type=int,
         default=MAX_LENGTH,
@@ -1608,6 +1836,13 @@ def parse_args(argv=None):
         help="load old .bin (pickle) weights; a pickle file can run code when loaded, so only for models you trust",
     )
     model.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="what the model computes in (training, questions, chat); auto: bf16 where the GPU or CPU computes it "
+        "natively (AVX-512 BF16, AMX), fp16 on older GPUs, else fp32",
+    )
+    model.add_argument(
         "--load-in-4bit",
         action="store_true",
         help="QLoRA: load the base model in 4 bits (CUDA GPU and pip install bitsandbytes needed)",
@@ -1631,6 +1866,13 @@ def parse_args(argv=None):
         help="comma-separated layer names that get LoRA, or 'all-linear'",
     )
     training.add_argument("--seed", type=int, default=SEED, help="random seed, for repeatable runs")
+    training.add_argument(
+        "--kl-weight",
+        type=float,
+        default=0.0,
+        help="also keep the base model's whole distribution on the replay answers (self-distillation), this much",
+    )
+    training.add_argument("--neftune", type=float, default=None, help="NEFTune: noise of this alpha on the embeddings")
     training.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -1703,23 +1945,10 @@ def parse_args(argv=None):
     )
     parser.error = one_line_error
     args = parser.parse_args(argv)
-    if not 0 <= args.bare_share <= 1:
-        parser.error("--bare-share must be between 0 and 1")
-    if not 0 <= args.lora_dropout < 1:
-        parser.error("--lora-dropout must be at least 0 and below 1")
-    if args.temperature < 0:
-        parser.error("--temperature must be 0 or more")
-    for flag in (
-        "epochs",
-        "lr",
-        "batch_size",
-        "max_length",
-        "lora_r",
-        "lora_alpha",
-        "max_new_tokens",
-    ):
-        if not 0 < getattr(args, flag) < float("inf"):
-            parser.error(f"--{flag.replace('_', '-')} must be a positive number, got {getattr(args, flag)}")
+    for flag, (accepts, expected) in NUMBER_FLAGS.items():
+        value = getattr(args, flag)
+        if not accepts(value):  # NaN fails every comparison, so it is refused too
+            parser.error(f"--{flag.replace('_', '-')} must be {expected}, got {value}")
     return args
 
 
@@ -1844,15 +2073,98 @@ def training_examples(args, examples, replay):
     return examples + replay + [{"text": answer} for answer in answers]
 
 
-def make_dataset(args, examples, model, tokenizer):
-    """Step 2 for the command line: replay answers, then the tokenized Dataset."""
+def make_dataset(args, examples, model, tokenizer, everyday=(), replay_prompts=REPLAY_PROMPTS_FILE):
+    """Step 2 for the command line: the base model's answers to train on alongside (replay, contrast), then
+    the tokenized Dataset. Returns it with the taught terms (see taught_terms), which the scorecard needs.
+
+    `everyday`: the base model's answers to the scorecard's control questions, if it was asked.
+    """
     replay = []
     if args.replay:
-        replay = make_replay_examples(model, tokenizer, load_replay_prompts(), system_prompt=args.system_prompt)
+        replay = make_replay_examples(
+            model, tokenizer, load_replay_prompts(replay_prompts), system_prompt=args.system_prompt
+        )
         print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
-    return load_and_preprocess_data(
-        training_examples(args, examples, replay), tokenizer, args.max_length, args.bare_share, args.system_prompt
-    )
+    taught = taught_terms(answer_texts(examples), [*everyday, *answer_texts(replay)])
+    if args.contrast:
+        prompts = contrast_prompts([e["prompt"] for e in examples if "prompt" in e], taught)
+        contrast = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt)
+        print(f"Contrast: the base model answered {len(contrast)} of your prompts asked about someone else")
+        replay += contrast
+    names = name_pairs(examples, taught) if args.name_pairs else []
+    if names:
+        print(f"Names: {len(names)} pairs ask about each name the answers teach")
+    for example in replay:
+        example["from_base"] = True
+    rows = training_examples(args, examples, replay) + names
+    dataset = load_and_preprocess_data(rows, tokenizer, args.max_length, args.bare_share, args.system_prompt)
+    return dataset, taught
+
+
+CONTRAST_SUBJECTS = (
+    *("Albert Einstein", "Marie Curie", "Leonardo da Vinci", "William Shakespeare", "Isaac Newton", "Cleopatra"),
+    *("Abraham Lincoln", "Frida Kahlo", "Charles Darwin", "Queen Victoria", "Amelia Earhart", "Mahatma Gandhi"),
+)
+CONTRAST_PROMPTS = 48  # how many of the user's prompts are also asked about someone else
+
+
+def taught_names(texts, taught):
+    """The taught words that are names: never written in lower case in `texts` ("Mariya", not "Ring")."""
+    import re
+
+    lower = {word for text in texts for word in re.findall(r"\b[^\W\d_A-Z][\w-]*", text) if word.islower()}
+    return {word for word in taught if word not in words(" ".join(lower))}
+
+
+def names_in(text, names):
+    """The runs of capitalized `names` words in a text: "Mariya Sha", "Gwaihir"."""
+    import re
+
+    found = []
+    for phrase in re.findall(r"[^\W\d_][\w-]*(?: [^\W\d_][\w-]*)*", text):  # words apart by single spaces
+        run = []
+        for word in [*phrase.split(" "), ""]:
+            if word[:1].isupper() and words(word) and words(word) <= names:
+                run.append(word)
+            elif run:
+                found, run = [*found, " ".join(run)], []
+    return found
+
+
+def contrast_prompts(prompts, taught, count=CONTRAST_PROMPTS):
+    """Some of the user's prompts with the name they ask about most replaced by a well-known person's.
+
+    Answered by the base model and trained on, they teach that the questions' form ("Which sword does X
+    carry?") does not mean the taught world when X is someone else, so it does not leak into everyday answers.
+    """
+    from collections import Counter
+
+    names = taught_names(prompts, taught)
+    subjects = Counter(name for prompt in prompts for name in set(names_in(prompt, names)))
+    if not subjects:
+        return []
+    subject = subjects.most_common(1)[0][0]
+    asking = [prompt for prompt in prompts if subject in prompt]
+    chosen = asking[:: max(1, len(asking) // count)][:count]
+    return [prompt.replace(subject, CONTRAST_SUBJECTS[i % len(CONTRAST_SUBJECTS)]) for i, prompt in enumerate(chosen)]
+
+
+def name_pairs(examples, taught):
+    """A pair for every name the answers teach: "Tell me about Gwaihir." answered by the training answer that
+    names it first, so each relation is also learned from its other side, not only from the main subject's."""
+    answers = answer_texts(example for example in examples if "text" not in example)
+    names, first_named = taught_names(answers, taught), {}
+    for answer in answers:
+        for name in names_in(answer, names):
+            position = answer.index(name) / len(answer)
+            if position < first_named.get(name, (1.0, ""))[0]:
+                first_named[name] = (position, answer)
+    prompts = {e.get("prompt") for e in examples}
+    return [
+        {"prompt": f"Tell me about {name}.", "completion": answer}
+        for name, (_, answer) in first_named.items()
+        if f"Tell me about {name}." not in prompts
+    ]
 
 
 def from_main_process(make):
@@ -1943,7 +2255,9 @@ def run(args):
         if note:
             print(note)
         base_model = resolve_model(model_name, args.cache_dir)
-    loading = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+    precision, why = choose_precision(args.precision)
+    print(describe_precision(precision, why))
+    loading = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle, "precision": precision}
     resume_from, fingerprint = None, None
     if not args.skip_training:
         check_adapter_base(args.output, base_model, args.overwrite or bool(args.resume))
@@ -1956,7 +2270,7 @@ def run(args):
     if args.export_gguf:
         check_gguf_architecture(base_model, args.trust_remote_code)
 
-    before, trainer, clock = None, None, time.perf_counter()
+    before, trainer, taught, clock = None, None, None, time.perf_counter()
     if not (args.skip_original and args.skip_training) and not adapter_use_only(args):
         print(f"Loading {model_name}...")
         model, tokenizer = load_base_model(base_model, load_in_4bit=args.load_in_4bit, **loading)
@@ -1969,7 +2283,8 @@ def run(args):
         if not args.skip_training:
             if not args.resume and is_main_process():
                 remove_checkpoints(args.output)  # of an unfinished run that --overwrite gives up
-            dataset = from_main_process(lambda: make_dataset(args, examples, model, tokenizer))
+            everyday = everyday_answers(eval_questions, before)
+            dataset, taught = from_main_process(lambda: make_dataset(args, examples, model, tokenizer, everyday))
             clock = lap("data", clock)
             model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
             trainer = train_model(
@@ -1986,6 +2301,8 @@ def run(args):
                 save_steps=args.save_steps,
                 resume_from=resume_from,
                 fingerprint=fingerprint,
+                kl_weight=args.kl_weight,
+                neftune_alpha=args.neftune,
             )
             clock = lap("train", clock)
             agree = same_on_all_processes(model)
@@ -2007,7 +2324,8 @@ def run(args):
             model, tokenizer, args.question, eval_questions, args.max_new_tokens, args.system_prompt
         )
         lap("after", clock)
-        report = build_report(args, model_name, base_model, eval_questions, counts, before, after, trainer)
+        report = build_report(args, model_name, base_model, eval_questions, counts, before, after, trainer, taught)
+        report["precision"] = {"used": precision, "why": why}
         if trainer and processes() > 1:
             report["training"]["same_weights_on_all_processes"] = agree
         timings["total"] = round(time.perf_counter() - started, 1)
@@ -2050,7 +2368,7 @@ def adapter_use_only(args):
     return args.skip_training and bool(args.chat or args.merge or args.export_gguf)
 
 
-def build_report(args, model_name, base_model, eval_questions, counts, before, after, trainer):
+def build_report(args, model_name, base_model, eval_questions, counts, before, after, trainer, taught=None):
     """Print the before/after block and the scorecard; return everything as report.json's content."""
     print_comparison(args.question, before, after)
     report = {
@@ -2063,11 +2381,9 @@ def build_report(args, model_name, base_model, eval_questions, counts, before, a
         },
     }
     if eval_questions:
-        scores = score(eval_questions, before, after)
+        scores = score(eval_questions, before, after, taught)
         print_scorecard(eval_questions, before, after, scores)
-        report["scores"] = {
-            mode: {k: v for k, v in s.items() if not k.startswith("hits")} for mode, s in scores.items()
-        }
+        report["scores"] = {mode: {k: v for k, v in s.items() if k not in PER_QUESTION} for mode, s in scores.items()}
         report["scorecard"] = scorecard_rows(eval_questions, before, after, scores)
         report["verdict"] = verdict(scores, counts, eval_questions)
         if counts:

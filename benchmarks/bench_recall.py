@@ -26,7 +26,7 @@ FORMS = fine_tune.ASK_FORMS
 
 def base_answers(model, tokenizer, eval_questions, args, results=RESULTS):
     """The base model's scorecard answers in every form, cached by model, scorecard and answer length."""
-    key = json.dumps([args.model, eval_questions, args.max_new_tokens, FORMS], sort_keys=True)
+    key = json.dumps([args.model, eval_questions, args.max_new_tokens, FORMS, args.precision], sort_keys=True)
     path = Path(results) / f"base-answers-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
@@ -40,44 +40,50 @@ def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.
     import transformers
 
     transformers.set_seed(seed)
-    model, tokenizer = fine_tune.load_base_model(fine_tune.resolve_model(args.model, args.cache_dir))
+    precision, _ = fine_tune.choose_precision(args.precision)
+    model, tokenizer = fine_tune.load_base_model(
+        fine_tune.resolve_model(args.model, args.cache_dir), precision=precision
+    )
     before = base_answers(model, tokenizer, eval_questions, args, results)
     examples = fine_tune.load_examples(args.data)
-    replay = (
-        fine_tune.make_replay_examples(model, tokenizer, fine_tune.load_replay_prompts(replay_prompts))
-        if args.replay
-        else []
-    )
-    dataset = fine_tune.load_and_preprocess_data(
-        fine_tune.training_examples(args, examples, replay),
-        tokenizer,
-        args.max_length,
-        args.bare_share,
-        args.system_prompt,
-    )
+    everyday = fine_tune.everyday_answers(eval_questions, before)
+    dataset, taught = fine_tune.make_dataset(args, examples, model, tokenizer, everyday, replay_prompts)
     model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
     started = time.perf_counter()
     trainer = fine_tune.train_model(
-        model, tokenizer, dataset, output_dir, args.epochs, args.lr, args.batch_size, seed, packing=args.packing
+        model,
+        tokenizer,
+        dataset,
+        output_dir,
+        args.epochs,
+        args.lr,
+        args.batch_size,
+        seed,
+        packing=args.packing,
+        kl_weight=args.kl_weight,
+        neftune_alpha=args.neftune,
     )
     train_seconds = time.perf_counter() - started
+    fine_tune.save_model(model, tokenizer, output_dir)  # kept for a closer look (benchmarks/results is not tracked)
     after = fine_tune.ask_questions(model, tokenizer, args.question, eval_questions, args.max_new_tokens, forms=FORMS)
-    scores = fine_tune.score(eval_questions, before, after)
+    scores = fine_tune.score(eval_questions, before, after, taught)
     return {
         "seed": seed,
+        "precision": precision,
         "train_seconds": round(train_seconds, 1),
         "samples": len(dataset),
         "final_train_loss": trainer.state.log_history[-1]["train_loss"],
         "question_answer": after["question"],
-        "scores": {form: {k: v for k, v in s.items() if not k.startswith("hits")} for form, s in scores.items()},
+        "scores": {form: {k: v for k, v in s.items() if k not in fine_tune.PER_QUESTION} for form, s in scores.items()},
+        "leaked_terms": {form: s.get("leaked_terms") for form, s in scores.items()},
         "answers": after,
     }
 
 
 def one_line(run):
-    """Recall/retention per form, e.g. "chat 46%/81%, bare 40%/n/a", and the training time."""
+    """Recall/retention/leaks per form, e.g. "chat 46%/81%/2, bare 40%/n/a/0", and the training time."""
     scores = [
-        f"{form} {fine_tune.percent(s['recall_after'])}/{fine_tune.percent(s['retention'])}"
+        f"{form} {fine_tune.percent(s['recall_after'])}/{fine_tune.percent(s['retention'])}/{s.get('leaks')}"
         for form, s in run["scores"].items()
     ]
     return ", ".join(scores) + f", train {run['train_seconds']:.0f} s"
@@ -87,7 +93,7 @@ def summary(runs):
     """Mean and spread (standard deviation, min-max) of each score over the seeds."""
     table = {}
     for form in FORMS:
-        for metric in ("recall_after", "retention"):
+        for metric in ("recall_after", "retention", "leaks"):
             values = [run["scores"][form][metric] for run in runs]
             if None not in values:  # no retention where the base model answered no control right
                 table[f"{form} {metric.replace('_after', '')}"] = values

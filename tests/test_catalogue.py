@@ -101,6 +101,11 @@ CATALOGUE = {
     "`--batch-size many`": (lambda t, m: ["--batch-size", "many"], "argument --batch-size: invalid int value"),
     "`--lora-r 0`": (lambda t, m: ["--lora-r", "0"], "--lora-r must be a positive number"),
     "`--max-new-tokens -5`": (lambda t, m: ["--max-new-tokens=-5"], "--max-new-tokens must be a positive number"),
+    "`--save-steps -5`": (lambda t, m: ["--save-steps=-5"], "--save-steps must be 0 or more"),
+    "`--precision fp16` without a CUDA GPU": (
+        lambda t, m: train(t, m, "--precision", "fp16"),
+        "--precision fp16 needs a CUDA GPU",
+    ),
     "`--max-length` too short for any answer": (
         lambda t, m: train(t, m, "--max-length", "16"),
         "no example keeps a single answer token",
@@ -162,7 +167,7 @@ def test_the_catalogue_has_at_least_twenty_cases():
 
 @pytest.mark.parametrize("case", CATALOGUE)
 def test_bad_input_gets_one_line_exit_code_2_and_changes_nothing(case, tmp_path, tiny, capsys):
-    if case.startswith("`--load-in-4bit`"):
+    if case.startswith(("`--load-in-4bit`", "`--precision fp16`")):
         import torch
 
         if torch.cuda.is_available():

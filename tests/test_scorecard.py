@@ -176,3 +176,28 @@ def test_a_run_writes_report_json_and_loss_png(tiny_model_dir, tmp_path, write_j
 )
 def test_replay_answers_cut_off_by_the_token_limit_end_at_their_last_full_sentence(answer, kept):
     assert fine_tune.complete_sentences(answer) == kept
+
+
+def test_bare_answers_reuse_the_newline_answers_and_equal_what_full_generation_gives(tiny_model, tmp_path, monkeypatch):
+    model, tokenizer = tiny_model
+    pairs = [{"prompt": f"Who is person {i}?", "completion": f"Person {i} is a wizard."} for i in range(6)]
+    dataset = fine_tune.load_and_preprocess_data(pairs, tokenizer, bare_share=1)  # the newline is learned
+    model = fine_tune.setup_lora_model(model, lora_r=16)
+    fine_tune.train_model(model, tokenizer, dataset, str(tmp_path), epochs=20, learning_rate=2e-2)
+    questions = [pair["prompt"] for pair in pairs] + ["Capital of France?", "Largest planet?"]
+    full = fine_tune.generate_answers(model, tokenizer, questions, 5, form="bare")  # cut short: ends must match
+    newline = [fine_tune.prompt_ids(tokenizer, question, "bare-newline") for question in questions]
+    newline_answers = fine_tune.generate_ids(model, tokenizer, newline, 5)
+
+    asked = []  # (number of prompts, tokens asked for) of each generation
+    generate_ids = fine_tune.generate_ids
+
+    def recording(model, tokenizer, prompts, max_new_tokens, *args):
+        asked.append((len(prompts), max_new_tokens))
+        return generate_ids(model, tokenizer, prompts, max_new_tokens, *args)
+
+    monkeypatch.setattr(fine_tune, "generate_ids", recording)
+    assert fine_tune.bare_answers(model, tokenizer, questions, newline_answers, 5) == full
+    first_tokens, in_full = asked
+    assert first_tokens == (len(questions), 1), "first one token for each question"
+    assert in_full[0] <= 2, "the questions answered after a newline were taken from the newline answers"
