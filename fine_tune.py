@@ -1855,10 +1855,14 @@ def run_fingerprint(args, base_model):
 
 
 def checkpoint_to_resume(args, fingerprint):
-    """The checkpoint --resume continues from: the one given, or the newest in --output if nothing changed."""
+    """The checkpoint --resume continues from: the one given, or the newest readable one in --output if nothing
+    changed. A damaged checkpoint (a disk that filled up, a copy cut short) is skipped with a warning."""
     if args.resume != "latest":
         if not (Path(args.resume) / "trainer_state.json").is_file():
             raise UsageError(f"--resume {args.resume}: not a checkpoint folder (it has no trainer_state.json)")
+        damage = checkpoint_damage(args.resume)
+        if damage:
+            raise UsageError(f"--resume {args.resume}: {damage}; pass an earlier checkpoint")
         return args.resume
     checkpoints = complete_checkpoints(args.output)
     if not checkpoints:
@@ -1866,8 +1870,18 @@ def checkpoint_to_resume(args, fingerprint):
             f"--resume: no complete checkpoint in {args.output} (they are written at Ctrl-C and every --save-steps); "
             "drop --resume to start a new run"
         )
-    latest = str(checkpoints[0])
-    saved = json.loads((checkpoints[0] / RUN_FINGERPRINT).read_text(encoding="utf-8"))
+    for checkpoint in checkpoints:
+        damage = checkpoint_damage(checkpoint)
+        if not damage:
+            break
+        print(f"Warning: {checkpoint} is damaged ({damage}); it is skipped")
+    else:
+        raise UsageError(
+            f"--resume: no checkpoint in {args.output} can be read ({checkpoint.name}: {damage}); "
+            "start again with --overwrite instead of --resume"
+        )
+    latest = str(checkpoint)
+    saved = json.loads((checkpoint / RUN_FINGERPRINT).read_text(encoding="utf-8"))
     changed = [name for name in fingerprint if saved.get(name) != fingerprint[name]]
     if changed:
         what = ", ".join("data file" if name == "data_sha256" else flag_name(name) for name in changed)
@@ -1887,6 +1901,31 @@ def complete_checkpoints(output_dir):
         if folder.name.split("-")[1].isdigit() and (folder / RUN_FINGERPRINT).is_file()
     ]
     return [folder for _, folder in sorted(found, reverse=True)]
+
+
+def checkpoint_damage(checkpoint):
+    """What makes a checkpoint unusable ("optimizer.pt is truncated or unreadable"), or None when every file reads.
+
+    Cheap, and nothing is unpickled: safetensors files must be covered exactly by their header, torch's
+    .pt/.pth/.bin files (zip archives) must match the CRC-32 of every member, JSON files must parse.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    for file in sorted(Path(checkpoint).rglob("*")):
+        try:
+            if file.suffix == ".safetensors":
+                safe_open(file, framework="pt").keys()
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as archive:
+                    if archive.testzip() is not None:
+                        raise zipfile.BadZipFile("CRC-32 mismatch")
+            elif file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+        except Exception:  # SafetensorError, BadZipFile, EOFError, ValueError, OSError...: all mean the same here
+            return f"{file.relative_to(checkpoint)} is truncated or unreadable"
+    return None
 
 
 def flag_name(setting):

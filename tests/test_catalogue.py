@@ -60,6 +60,14 @@ def unfinished_run(tmp_path, tiny):
     return ["--data", data_file(tmp_path), "--model", tiny["qwen2"], "--output", tmp_path / "out"]
 
 
+def damaged_checkpoint(tmp_path, tiny):
+    checkpoint = tmp_path / "out" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / fine_tune.RUN_FINGERPRINT).write_text("{}")  # written to the end, as far as it says
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"\x00" * 8)  # but its weights were cut short
+    return train(tmp_path, tiny, "--resume")
+
+
 def output_in_use(tmp_path, tiny):
     HELD.enter_context(fine_tune.output_lock(tmp_path / "out"))  # as the run that started first holds it
     return train(tmp_path, tiny)
@@ -135,6 +143,10 @@ CATALOGUE = {
     "`--output` holds an unfinished run": (unfinished_run, "holds checkpoints of an unfinished run: add --resume"),
     "`--output` is in use by another run": (output_in_use, "is in use by another run (process"),
     "`--resume` without a checkpoint": (lambda t, m: train(t, m, "--resume"), "--resume: no complete checkpoint"),
+    "`--resume`, every checkpoint damaged": (
+        damaged_checkpoint,
+        "can be read (checkpoint-5: adapter_model.safetensors is truncated or unreadable)",
+    ),
     "`--skip-training` without an adapter": (
         lambda t, m: ["--skip-training", "--output", t / "none"],
         "--skip-training: no adapter in",
