@@ -2252,7 +2252,21 @@ def main(argv=None):
         code = fail(f"Interrupted: checkpoint saved in {err}. To continue: {resume}", 130)
     except KeyboardInterrupt:
         code = fail("interrupted", 130)
+    except Exception as err:
+        if not out_of_memory(err):
+            raise
+        code = fail(
+            f"error: the GPU ran out of memory; lower --batch-size (now {args.batch_size}) or --max-length "
+            f"(now {args.max_length}), or add --gradient-checkpointing or --load-in-4bit",
+            1,
+        )
     return leave_processes(code)
+
+
+def out_of_memory(err):
+    """Whether err is torch's out-of-memory error (raised in training or generation); torch is loaded if it is."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, torch.OutOfMemoryError)
 
 
 def fail(message, code):
