@@ -1810,14 +1810,14 @@ def output_lock(output_dir):
             f"--output {output_dir} is in use by another run ({which}); wait for it to end, or choose another --output"
         ) from None
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (folder / LOCK_HOLDER).write_text(json.dumps(holder), encoding="utf-8")
     try:
+        (folder / LOCK_HOLDER).write_text(json.dumps(holder), encoding="utf-8")
         yield
     finally:
         (folder / LOCK_HOLDER).unlink(missing_ok=True)
         lock.release()
-        if made and [file.name for file in folder.iterdir()] == [OUTPUT_LOCK]:
-            (folder / OUTPUT_LOCK).unlink()
+        if made and {file.name for file in folder.iterdir()} <= {OUTPUT_LOCK}:  # on Windows, filelock removed it
+            (folder / OUTPUT_LOCK).unlink(missing_ok=True)
             for path in made:
                 path.rmdir()
 
