@@ -3,6 +3,7 @@
 The README's troubleshooting table lists the same cases with the same messages; a test fails when they differ.
 """
 
+import contextlib
 import importlib.util
 import re
 import shutil
@@ -14,6 +15,7 @@ from conftest import ROOT, make_adapter, save_pickle_only_copy
 import fine_tune
 
 PAIR = '{"prompt": "Who is Mariya Sha?", "completion": "A wizard."}\n'
+HELD = contextlib.ExitStack()  # locks that cases hold as another run would, released when the module's tests end
 
 
 def data_file(tmp_path, content=PAIR * 3, name="data.json"):
@@ -56,6 +58,19 @@ def other_base_adapter(tmp_path, tiny):
 def unfinished_run(tmp_path, tiny):
     (tmp_path / "out" / "checkpoint-5").mkdir(parents=True)
     return ["--data", data_file(tmp_path), "--model", tiny["qwen2"], "--output", tmp_path / "out"]
+
+
+def damaged_checkpoint(tmp_path, tiny):
+    checkpoint = tmp_path / "out" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / fine_tune.RUN_FINGERPRINT).write_text("{}")  # written to the end, as far as it says
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"\x00" * 8)  # but its weights were cut short
+    return train(tmp_path, tiny, "--resume")
+
+
+def output_in_use(tmp_path, tiny):
+    HELD.enter_context(fine_tune.output_lock(tmp_path / "out"))  # as the run that started first holds it
+    return train(tmp_path, tiny)
 
 
 def train(tmp_path, tiny, *argv):
@@ -131,7 +146,12 @@ CATALOGUE = {
     ),
     "`--output` holds an adapter of another model": (other_base_adapter, "holds an adapter trained on"),
     "`--output` holds an unfinished run": (unfinished_run, "holds checkpoints of an unfinished run: add --resume"),
+    "`--output` is in use by another run": (output_in_use, "is in use by another run (process"),
     "`--resume` without a checkpoint": (lambda t, m: train(t, m, "--resume"), "--resume: no complete checkpoint"),
+    "`--resume`, every checkpoint damaged": (
+        damaged_checkpoint,
+        "can be read (checkpoint-5: adapter_model.safetensors is truncated or unreadable)",
+    ),
     "`--skip-training` without an adapter": (
         lambda t, m: ["--skip-training", "--output", t / "none"],
         "--skip-training: no adapter in",
@@ -153,7 +173,8 @@ CATALOGUE = {
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir, tiny_llama_dir):
-    return {"qwen2": tiny_model_dir, "llama": tiny_llama_dir}
+    with HELD:
+        yield {"qwen2": tiny_model_dir, "llama": tiny_llama_dir}
 
 
 def snapshot(folder):

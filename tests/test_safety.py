@@ -46,6 +46,28 @@ def test_a_failed_save_leaves_the_previous_adapter_loadable_and_unchanged(tiny_m
     fine_tune.load_finetuned_model(output)
 
 
+@pytest.mark.parametrize("where", ["transformers.Trainer.train", "transformers.GenerationMixin.generate"])
+def test_running_out_of_gpu_memory_gives_advice_and_keeps_the_earlier_adapter(
+    where, tiny_model_dir, subset, tmp_path, monkeypatch, capsys
+):
+    output = tmp_path / "out"
+    make_adapter(tiny_model_dir, output)
+    (output / "report.json").write_text('{"the": "earlier run"}')
+    before = {path: path.read_bytes() for path in output.iterdir()}
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(where, out_of_memory)
+    assert fine_tune.main(tiny_run(tiny_model_dir, subset, output, "--batch-size", "4")) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: the GPU ran out of memory; lower --batch-size (now 4) or --max-length (now 128), "
+        "or add --gradient-checkpointing or --load-in-4bit"
+    )
+    assert {path: path.read_bytes() for path in before} == before
+    assert {path.name for path in output.iterdir()} - {path.name for path in before} <= {fine_tune.OUTPUT_LOCK}
+
+
 def test_a_run_that_learned_nothing_says_so(tiny_model_dir, subset, tmp_path, capsys):
     assert fine_tune.main(tiny_run(tiny_model_dir, subset, tmp_path / "out", "--lr", "1e-9", "--epochs", "2")) == 0
     out = capsys.readouterr().out
