@@ -7,7 +7,7 @@
 
     torchrun --nproc_per_node 2 fine_tune.py # data parallel: one process per GPU (CPU: gloo)
 
-The file reads top to bottom: defaults; helpers (data in five formats, from a file or a folder;
+The file reads top to bottom: defaults; helpers (data in five formats, from a file, a folder or the Hub;
 models, questions, scoring, replay); the six steps, each a function you can call on its own (the notebook does):
 test_original_model -> load_and_preprocess_data -> setup_lora_model -> train_model (checkpoints, Ctrl-C,
 NaN guard) -> save_model -> test_finetuned_model; then what is done with a trained adapter (chat, merge,
@@ -230,6 +230,58 @@ def read_documents(folder):
     return examples, {"data": str(folder), "format": "text", "files": names, "sha256": digest.hexdigest()}
 
 
+def is_dataset_id(data):
+    """Whether --data names a Hub dataset: org/name, with :subset=...,split=... or not, when nothing on disk has
+    that name. A name with a data file's suffix (data/train.jsonl) is a file that is not there."""
+    import re
+
+    name = data.split(":", 1)[0]
+    return (
+        re.fullmatch(r"\w[\w.-]*/[\w.-]+", name) is not None
+        and Path(name).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet", *NOTE_SUFFIXES)
+        and not Path(data).expanduser().exists()
+    )
+
+
+def load_hub_dataset(data):
+    """A split of a Hub dataset through datasets, which downloads it once into its cache and reads it from
+    there offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE). Returns (datasets table, source)."""
+    import datasets
+
+    dataset_id, _, options = data.partition(":")
+    options = key_values(options, ("subset", "split")) if options else {}
+    if options is None:
+        raise UsageError(f"--data {data}: write a Hub dataset as {dataset_id}:subset=NAME,split=NAME (both optional)")
+    split = options.get("split", "train")
+    offline = datasets.config.HF_HUB_OFFLINE
+    host = None if offline else unreachable_hub()
+    datasets.config.HF_HUB_OFFLINE = offline or bool(host)  # the hub is out of reach: answer from the cache at once
+    datasets.utils.logging.set_verbosity_error()  # its notes on the cache would come before an error line
+    try:
+        builder = datasets.load_dataset_builder(dataset_id, options.get("subset"))
+        builder.download_and_prepare()
+        table = builder.as_dataset(split)
+    except ConnectionError:
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
+            if offline
+            else f"cannot reach {host or 'the Hub'}"
+        )
+        raise UsageError(
+            f"--data {data}: not downloaded yet and {why}; download it once online, or pass a local file"
+        ) from None
+    except Exception as err:  # datasets raises many kinds; its message says what is wrong
+        raise UsageError(
+            f"--data {data}: {' '.join(str(err).split())} (check the name, and choose with "
+            f"{dataset_id}:subset=NAME,split=NAME)"
+        ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+    revision = builder.hash  # the commit it was downloaded at
+    source = {"data": dataset_id, "subset": builder.config.name, "split": split, "revision": revision}
+    return table, {**source, "sha256": hashlib.sha256(f"{revision} {table._fingerprint}".encode()).hexdigest()}
+
+
 def check_fields(place, item, fields, fix):
     """Check that a JSON item is an object whose fields hold non-empty text (str or list of str)."""
     if not isinstance(item, dict):
@@ -318,22 +370,26 @@ def load_examples(data, columns=None):
 
 
 def load_data(data, columns=None):
-    """Read --data: a file of records in one of DATA_FORMATS (JSONL, a JSON array, CSV or Parquet), or a folder
-    of notes. Returns (examples, source).
+    """Read --data: a file of records in one of DATA_FORMATS (JSONL, a JSON array, CSV or Parquet), a folder of
+    notes, or a Hub dataset id. Returns (examples, source).
 
     The examples are {"prompt", "completion"} pairs, {"messages": [{"role", "content"}, ...]} conversations
     or {"text"} documents; Alpaca and ShareGPT records become pairs and conversations. `columns`
     ({key: column}, from --columns) reads a column under the name a format gives it. source says what was
     read, for step 2's line and report.json. Runs before any model is loaded, so broken data fails in
-    seconds, naming file:line.
+    seconds, naming file:line (or dataset and row).
     """
     data, path = str(data), Path(data).expanduser()
     if path.is_dir():
         if columns:
             raise UsageError(f"--columns: {data} is a folder of notes, which has no columns; drop --columns")
         return read_documents(path)
-    examples, kind = check_examples(read_records(path, "--data", DATA_FIX), data, columns)
-    source = {"data": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if is_dataset_id(data):
+        table, source = load_hub_dataset(data)
+        examples, kind = check_examples(table_records(data, table), data, columns)
+    else:
+        examples, kind = check_examples(read_records(path, "--data", DATA_FIX), data, columns)
+        source = {"data": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     return examples, {**source, "format": kind, **({"columns": columns} if columns else {})}
 
 
@@ -395,8 +451,10 @@ def to_example(place, item, kind):
 def describe_source(source):
     """What was read, for step 2's line: "mariya.json as pairs", "notes as documents: 12 files"."""
     what = FORMAT_NAMES.get(source["format"], source["format"])
-    name = Path(source["data"]).name
+    name = source["data"] if "revision" in source else Path(source["data"]).name
     details = [f"{len(source['files'])} files"] if "files" in source else []
+    if "revision" in source:
+        details += [f"subset {source['subset']}", f"split {source['split']}", f"revision {source['revision'][:12]}"]
     if source.get("columns"):
         details.append("columns " + ", ".join(f"{key}={column}" for key, column in source["columns"].items()))
     return f"{name} as {what}" + (f": {', '.join(details)}" if details else "")
@@ -513,11 +571,21 @@ def check_hub_reachable(model_id):
     hint = f"use --model {CPU_MODEL} (bundled, works offline) or a local model folder"
     if constants.HF_HUB_OFFLINE:
         raise UsageError(f"--model {model_id}: not downloaded yet and HF_HUB_OFFLINE is set; {hint}")
+    host = unreachable_hub()
+    if host:
+        raise UsageError(f"--model {model_id}: cannot reach {host} to download it; {hint}")
+
+
+def unreachable_hub():
+    """The hub's host name when it cannot be reached within 5 seconds, else None (it can)."""
+    from huggingface_hub import constants
+
     host = urlparse(constants.ENDPOINT).hostname
     try:
         socket.create_connection((host, 443), timeout=5).close()
     except OSError:
-        raise UsageError(f"--model {model_id}: cannot reach {host} to download it; {hint}") from None
+        return host
+    return None
 
 
 def pick_device():
@@ -1684,7 +1752,8 @@ def parse_args(argv=None):
         "--data",
         default=str(HERE / DEFAULT_DATA_FILE),
         help="training data: a JSONL (or JSON, CSV, Parquet) file of prompt/completion pairs, conversations, "
-        "documents, Alpaca or ShareGPT records; or a folder of .txt/.md notes. See the README",
+        "documents, Alpaca or ShareGPT records; a folder of .txt/.md notes; or a Hub dataset "
+        "org/name[:subset=NAME,split=NAME]. See the README",
     )
     data.add_argument(
         "--columns",

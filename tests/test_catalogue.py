@@ -86,6 +86,10 @@ CATALOGUE = {
         lambda t, m: ["--data", notes(t, {"a.md": b"Fine.", "b.md": b"caf\xe9"})],
         "cannot be learned: b.md (not UTF-8 text)",
     ),
+    "a Hub dataset is not downloaded, offline": (
+        lambda t, m: ["--data", "fine-tune-tests/never-downloaded"],
+        "not downloaded yet and offline mode is on",
+    ),
     "data has only blank lines": (lambda t, m: ["--data", data_file(t, "\n \n\n")], "no examples found"),
     "data not UTF-8": (lambda t, m: ["--data", data_file(t, b'{"prompt": "caf\xe9"}\n')], "not UTF-8 text"),
     "a line is not JSON": (lambda t, m: ["--data", data_file(t, PAIR + "{oops\n")], ":2: invalid JSON"),
@@ -180,7 +184,7 @@ def test_the_catalogue_has_at_least_twenty_cases():
 
 
 @pytest.mark.parametrize("case", CATALOGUE)
-def test_bad_input_gets_one_line_exit_code_2_and_changes_nothing(case, tmp_path, tiny, capsys):
+def test_bad_input_gets_one_line_exit_code_2_and_changes_nothing(case, tmp_path, tiny, hub_cache, capsys):
     if case.startswith("`--load-in-4bit`"):
         import torch
 
