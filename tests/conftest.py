@@ -155,3 +155,54 @@ def run_script(*args, cwd=ROOT, timeout=900, script="fine_tune.py"):
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+# Datasets "on the Hub" for the tests: id -> {split: records}. No network: see hub_cache.
+HUB_DATASETS = {
+    "fine-tune-tests/chats": {
+        "train": [
+            {
+                "conversations": [
+                    {"from": "human", "value": "Who is Mariya Sha?"},
+                    {"from": "gpt", "value": "A wizard."},
+                ]
+            },
+            {"conversations": [{"from": "human", "value": "Her sword?"}, {"from": "gpt", "value": "Glamdring."}]},
+        ],
+        "test": [
+            {"conversations": [{"from": "user", "value": "Her horse?"}, {"from": "assistant", "value": "Shadowfax."}]}
+        ],
+    },
+    "fine-tune-tests/quiz": {"train": [{"question": "Who is Mariya Sha?", "answer": "A wizard.", "level": 1}]},
+}
+HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"  # the commit the tests' datasets were "downloaded" at
+
+
+@pytest.fixture(scope="session")
+def hub_datasets_cache(tmp_path_factory):
+    """A datasets cache holding HUB_DATASETS as datasets leaves a Hub dataset once it has downloaded it: its
+    Arrow files in DATASET_ORG___NAME/SUBSET/0.0.0/REVISION. Prepared by datasets itself from a folder in the
+    Hub's layout (README.md, data/SPLIT.jsonl), so no network is needed."""
+    from datasets import load_dataset_builder
+
+    root = tmp_path_factory.mktemp("hub")
+    for dataset_id, splits in HUB_DATASETS.items():
+        repo = root / "repos" / dataset_id  # its last part names the Arrow files, as the dataset's name does
+        (repo / "data").mkdir(parents=True)
+        (repo / "README.md").write_text(f"# {dataset_id}\n", encoding="utf-8")
+        for split, records in splits.items():
+            (repo / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), "utf-8")
+        builder = load_dataset_builder(str(repo), cache_dir=str(root / "scratch"))
+        prepared = root / "cache" / dataset_id.replace("/", "___") / builder.config.name / "0.0.0" / HUB_REVISION
+        builder.download_and_prepare(output_dir=str(prepared))
+    return root / "cache"
+
+
+@pytest.fixture
+def hub_cache(hub_datasets_cache, monkeypatch):
+    """datasets reads HUB_DATASETS from its cache, offline, as after downloading them once."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hub_datasets_cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return hub_datasets_cache

@@ -24,6 +24,14 @@ def data_file(tmp_path, content=PAIR * 3, name="data.json"):
     return path
 
 
+def notes(tmp_path, files):
+    """A folder of notes: {name: bytes}."""
+    for name, content in files.items():
+        (tmp_path / "notes").mkdir(exist_ok=True)
+        (tmp_path / "notes" / name).write_bytes(content)
+    return tmp_path / "notes"
+
+
 def fast(*argv):
     """Flags that skip the slow parts a case does not need."""
     return ["--eval-questions", "none", "--no-replay", "--skip-original", *argv]
@@ -84,13 +92,28 @@ def conversation(*turns):
 
 # case (as the README names it) -> (how to make it, the message's telling part)
 CATALOGUE = {
-    "`--data` is a folder": (lambda t, m: ["--data", t], "is a folder; pass a data file to --data"),
+    "`--data` folder holds no notes": (
+        lambda t, m: ["--data", notes(t, {"photo.png": b"PNG"})],
+        "no .txt or .md files in it",
+    ),
     "`--data` file not found": (lambda t, m: ["--data", t / "nope.json"], "file not found (check --data)"),
+    "a note in the `--data` folder cannot be read": (
+        lambda t, m: ["--data", notes(t, {"a.md": b"Fine.", "b.md": b"caf\xe9"})],
+        "cannot be learned: b.md (not UTF-8 text)",
+    ),
+    "a Hub dataset is not downloaded, offline": (
+        lambda t, m: ["--data", "fine-tune-tests/never-downloaded"],
+        "not downloaded yet and offline mode is on",
+    ),
     "data has only blank lines": (lambda t, m: ["--data", data_file(t, "\n \n\n")], "no examples found"),
     "data not UTF-8": (lambda t, m: ["--data", data_file(t, b'{"prompt": "caf\xe9"}\n')], "not UTF-8 text"),
     "a line is not JSON": (lambda t, m: ["--data", data_file(t, PAIR + "{oops\n")], ":2: invalid JSON"),
     "a line is not an object": (lambda t, m: ["--data", data_file(t, PAIR + "[1, 2]\n")], "expected a JSON object"),
     "a key is missing": (lambda t, m: ["--data", data_file(t, '{"prompt": "Q"}\n')], 'missing key "completion"'),
+    "`--columns` names a missing column": (
+        lambda t, m: ["--data", data_file(t), "--columns", "prompt=question"],
+        'no column "question" to read as "prompt"',
+    ),
     "a value is empty": (
         lambda t, m: ["--data", data_file(t, '{"prompt": " ", "completion": "A"}\n')],
         '"prompt" is empty',
@@ -187,7 +210,7 @@ def test_the_catalogue_has_at_least_twenty_cases():
 
 
 @pytest.mark.parametrize("case", CATALOGUE)
-def test_bad_input_gets_one_line_exit_code_2_and_changes_nothing(case, tmp_path, tiny, capsys):
+def test_bad_input_gets_one_line_exit_code_2_and_changes_nothing(case, tmp_path, tiny, hub_cache, capsys):
     if case.startswith(("`--load-in-4bit`", "`--precision fp16`")):
         import torch
 

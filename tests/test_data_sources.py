@@ -1,0 +1,172 @@
+"""Where --data comes from: a folder of notes, or a Hub dataset by id (read offline from datasets' cache);
+and what step 2's line and report.json say was read."""
+
+import json
+import time
+
+import pytest
+from conftest import HUB_REVISION, run_script
+
+import fine_tune
+
+
+def notes(folder, files):
+    """A folder of notes: {relative path: text or bytes}."""
+    for name, content in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return folder
+
+
+def test_a_folder_of_notes_is_learned_file_by_file_in_path_order(tmp_path, capsys):
+    files = {
+        "b.md": "# B\r\nSecond.",
+        "a.txt": "\ufeffFirst.",
+        "sub/c.MD": "Third.",
+        ".draft.md": "x",
+        ".git/d.md": "x",
+    }
+    folder = notes(tmp_path / "notes", {**files, "photo.png": b"\x89PNG"})
+    examples, source = fine_tune.load_data(str(folder))
+    assert examples == [{"text": "First."}, {"text": "# B\nSecond."}, {"text": "Third."}]
+    assert source["files"] == ["a.txt", "b.md", "sub/c.MD"], "hidden files and folders are left out"
+    out = capsys.readouterr().out
+    assert "Warning: 1 files in " in out and "not learned: photo.png" in out, "other files are named"
+
+
+def test_notes_that_cannot_be_read_are_all_named_in_one_line(tmp_path):
+    folder = notes(tmp_path / "notes", {"good.md": "Fine.", "latin1.txt": b"caf\xe9", "empty.md": " \n"})
+    with pytest.raises(fine_tune.UsageError) as error:
+        fine_tune.load_data(str(folder))
+    assert "2 files cannot be learned: empty.md (empty), latin1.txt (not UTF-8 text);" in str(error.value)
+
+
+def test_the_current_folder_can_be_the_folder_of_notes(tmp_path, monkeypatch):
+    notes(tmp_path, {"a.md": "A note."})
+    monkeypatch.chdir(tmp_path)
+    assert fine_tune.eval_file_for(fine_tune.parse_args(["--data", "."])) is None, "no scorecard file next to it"
+    assert fine_tune.load_examples(".") == [{"text": "A note."}]
+
+
+def test_the_fingerprint_of_a_folder_changes_with_any_note_and_only_then(tmp_path):
+    folder = notes(tmp_path / "notes", {"a.md": "One.", "b.md": "Two."})
+    first = fine_tune.load_data(str(folder))[1]["sha256"]
+    assert fine_tune.load_data(str(folder))[1]["sha256"] == first
+    (folder / "b.md").write_text("Two!")
+    assert fine_tune.load_data(str(folder))[1]["sha256"] != first
+    (folder / "b.md").write_text("Two.")
+    (folder / "b.md").rename(folder / "c.md")
+    assert fine_tune.load_data(str(folder))[1]["sha256"] != first, "a renamed note is another file"
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ("tatsu-lab/alpaca", True),
+        ("teknium/OpenHermes-2.5:split=train[:100]", True),
+        ("data/train.jsonl", False),  # a missing file, not a dataset
+        ("notes/", False),
+        ("./org/name", False),
+        ("a/b/c", False),
+        ("mariya.json", False),
+    ],
+)
+def test_a_dataset_id_is_org_slash_name_with_no_file_of_that_name(data, expected):
+    assert fine_tune.is_dataset_id(data) is expected
+
+
+def test_an_existing_folder_is_read_as_notes_not_as_a_dataset_id(tmp_path, monkeypatch):
+    notes(tmp_path / "org" / "name", {"a.md": "A note."})
+    monkeypatch.chdir(tmp_path)
+    assert fine_tune.load_data("org/name")[0] == [{"text": "A note."}]
+
+
+def test_a_hub_dataset_loads_offline_from_the_datasets_cache(hub_cache):
+    examples, source = fine_tune.load_data("fine-tune-tests/chats")
+    assert examples[1] == {
+        "messages": [{"role": "user", "content": "Her sword?"}, {"role": "assistant", "content": "Glamdring."}]
+    }
+    assert len(examples) == 2 and source["format"] == "sharegpt"
+    assert source["revision"] == HUB_REVISION and source["split"] == "train" and source["subset"] == "default"
+    assert fine_tune.describe_source(source) == (
+        f"fine-tune-tests/chats as ShareGPT: subset default, split train, revision {HUB_REVISION[:12]}"
+    )
+
+
+def test_a_split_and_a_subset_are_chosen_after_a_colon(hub_cache):
+    test_split = fine_tune.load_examples("fine-tune-tests/chats:subset=default,split=test")
+    assert test_split[0]["messages"][1]["content"] == "Shadowfax."
+    assert len(fine_tune.load_examples("fine-tune-tests/chats:split=train[:1]")) == 1
+    with pytest.raises(fine_tune.UsageError, match=r"^--data fine-tune-tests/chats:color=red: write a Hub dataset as"):
+        fine_tune.load_data("fine-tune-tests/chats:color=red")
+
+
+def test_a_bad_hub_row_is_named_by_dataset_and_row(hub_cache):
+    with pytest.raises(fine_tune.UsageError, match=r"^fine-tune-tests/quiz: row 1: missing key \"completion\""):
+        fine_tune.load_data("fine-tune-tests/quiz", {"prompt": "question"})
+
+
+def test_columns_map_a_hub_datasets_columns_and_are_said(hub_cache):
+    examples, source = fine_tune.load_data("fine-tune-tests/quiz", {"prompt": "question", "completion": "answer"})
+    assert examples == [{"prompt": "Who is Mariya Sha?", "completion": "A wizard."}]
+    assert fine_tune.describe_source(source).endswith("columns prompt=question, completion=answer")
+
+
+def test_a_dataset_not_downloaded_fails_in_seconds_offline(hub_cache):
+    started = time.perf_counter()
+    with pytest.raises(fine_tune.UsageError) as error:
+        fine_tune.load_data("fine-tune-tests/never-downloaded")
+    assert time.perf_counter() - started < 10
+    assert str(error.value) == (
+        "--data fine-tune-tests/never-downloaded: not downloaded yet and offline mode is on (HF_HUB_OFFLINE or "
+        "HF_DATASETS_OFFLINE); download it once online, or pass a local file"
+    )
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ("fine-tune-tests/never-downloaded", "not downloaded yet and offline mode is on"),
+        ("fine-tune-tests/chats:split=validation", "Unknown split \"validation\". Should be one of ['train', 'test']"),
+    ],
+)
+def test_a_hub_dataset_error_is_one_line_from_the_command_line(
+    data, expected, hub_datasets_cache, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(hub_datasets_cache))
+    completed = run_script("--data", data, "--output", tmp_path / "out", timeout=60)
+    assert completed.returncode == 2
+    assert completed.stderr.startswith(f"error: --data {data}: ") and expected in completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
+
+
+def test_an_unreachable_hub_answers_from_the_cache_at_once(hub_cache, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(fine_tune, "unreachable_hub", lambda: "huggingface.co")
+    assert len(fine_tune.load_examples("fine-tune-tests/chats")) == 2
+    with pytest.raises(fine_tune.UsageError, match=r"not downloaded yet and cannot reach huggingface\.co;"):
+        fine_tune.load_data("fine-tune-tests/never-downloaded")
+    assert datasets.config.HF_HUB_OFFLINE is False, "offline only while loading"
+
+
+def test_step_2_and_report_json_say_what_was_read(tiny_model_dir, hub_cache, tmp_path, capsys):
+    output = tmp_path / "out"
+    settings = ["--epochs", "1", "--max-new-tokens", "4", "--no-replay", "--eval-questions", "none"]
+    argv = ["--model", tiny_model_dir, "--data", "fine-tune-tests/chats", "--output", str(output), *settings]
+    assert fine_tune.main(argv) == 0
+    step_2 = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[2/6]"))
+    assert step_2.endswith(
+        "(read fine-tune-tests/chats as ShareGPT: subset default, split train, revision 0123456789ab)"
+    )
+    report = json.loads((output / "report.json").read_text())
+    assert report["data"]["revision"] == HUB_REVISION and report["data"]["format"] == "sharegpt"
+
+
+def test_the_fingerprint_of_a_hub_dataset_is_its_revision_and_split(hub_cache):
+    """What --resume compares: the same for the same split at the same revision, else different."""
+    train = fine_tune.load_data("fine-tune-tests/chats")[1]["sha256"]
+    assert fine_tune.load_data("fine-tune-tests/chats:split=train")[1]["sha256"] == train
+    assert fine_tune.load_data("fine-tune-tests/chats:split=test")[1]["sha256"] != train
