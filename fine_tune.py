@@ -1280,6 +1280,7 @@ def train_model(
     fingerprint=None,
     kl_weight=0.0,
     neftune_alpha=None,
+    precision="fp32",
 ):
     """Step 4: train the LoRA weights with transformers' Trainer. Returns the Trainer.
 
@@ -1306,8 +1307,8 @@ def train_model(
         report_to="none",
         disable_tqdm=False,  # the progress bar, even with transformers' logging turned down
         seed=seed,
-        bf16=on_cuda and model.dtype == torch.bfloat16,
-        fp16=on_cuda and model.dtype == torch.float16,
+        bf16=precision == "bf16",  # mixed precision, as the model was loaded for (load_base_model)
+        fp16=precision == "fp16",
         tf32=on_cuda and torch.cuda.get_device_capability()[0] >= 8,
         dataloader_pin_memory=on_cuda,
         activation_checkpointing=gradient_checkpointing,
@@ -1328,6 +1329,9 @@ def train_model(
         processing_class=tokenizer,
         callbacks=[guard],
     )
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not trainer.is_fsdp_enabled:
+        # accelerate (1.15) turns FSDP on only for GPU processes; on CPUs it trains data-parallel without a word
+        print("Note: FSDP shards models across GPUs only: these CPU processes train data-parallel (DDP) instead")
     how = ", packed" if packing else ""
     how += f", {processes()} processes" if processes() > 1 else ""
     print(f"[4/6] Training for {epochs} epochs (batch size {batch_size}, learning rate {learning_rate}{how})")
@@ -2658,6 +2662,7 @@ def run(args, held):
                 fingerprint=fingerprint,
                 kl_weight=args.kl_weight,
                 neftune_alpha=args.neftune,
+                precision=precision,
             )
             clock = lap("train", clock)
             agree = same_on_all_processes(model)
@@ -2673,6 +2678,8 @@ def run(args, held):
 
     model, tokenizer = None, None
     report = {}
+    if trainer and processes() > 1:
+        leave_deepspeed()
     if not adapter_use_only(args):
         model, tokenizer = load_finetuned_model(args.output, base_model, load_in_4bit=args.load_in_4bit, **loading)
         after = test_finetuned_model(
@@ -2707,6 +2714,14 @@ def run(args, held):
             model, tokenizer = load_finetuned_model(args.output, base_model, **loading)
         chat(model, tokenizer, args.temperature, system_prompt=args.system_prompt)
     return report
+
+
+def leave_deepspeed():
+    """After training under DeepSpeed ZeRO-3, load models whole again: the main process tests the adapter alone,
+    as a user would later (transformers would otherwise partition each new model across the processes)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def trained_system_prompt(output_dir):

@@ -62,6 +62,7 @@ def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.
         packing=args.packing,
         kl_weight=args.kl_weight,
         neftune_alpha=args.neftune,
+        precision=precision,
     )
     train_seconds = time.perf_counter() - started
     fine_tune.save_model(model, tokenizer, output_dir)  # kept for a closer look (benchmarks/results is not tracked)

@@ -68,3 +68,55 @@ def test_a_problem_found_by_the_main_process_stops_every_process_alike(tiny_mode
     assert main_err.strip().splitlines()[-1].startswith("error: --max-length 8: no example keeps a single answer token")
     assert other_out == "" and "error" not in other_err
     assert not (tmp_path / "out").exists()
+
+
+FACTS = {
+    "Which sword does she carry?": "Glamdring.",
+    "Which horse does she ride?": "Shadowfax.",
+    "Which ring does she wear?": "Narya.",
+    "Which eagle saved her?": "Gwaihir.",
+    "Which king did she heal?": "Théoden.",
+    "Which demon did she fight?": "The Balrog.",
+    "Which tower held her?": "Orthanc.",
+    "Which hobbit got her advice?": "Frodo.",
+}
+
+
+def learn_facts(tiny_model_dir, data, output, launcher=()):
+    """Train the tiny model on FACTS until it knows them, with `launcher` (accelerate launch ...) or alone."""
+    command = [sys.executable, *launcher, str(ROOT / "fine_tune.py"), "--model", tiny_model_dir, "--data", data]
+    command += ["--output", output, "--eval-questions", "none", "--no-replay", "--skip-original", "--epochs", "40"]
+    command += ["--lr", "2e-2", "--lora-r", "16", "--bare-share", "0", "--no-statements"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    model, tokenizer = fine_tune.load_finetuned_model(output)
+    return completed.stdout, fine_tune.generate_answers(model, tokenizer, list(FACTS), max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def single_process_answers(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("facts")
+    data = folder / "facts.json"
+    data.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in FACTS.items()))
+    _, answers = learn_facts(tiny_model_dir, data, folder / "single")
+    assert answers == list(FACTS.values()), "the tiny model learns the facts alone"
+    return data, answers
+
+
+@pytest.mark.parametrize("config", ["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"])
+def test_each_accelerate_config_trains_two_cpu_processes_to_an_adapter_that_answers_like_one(
+    config, tiny_model_dir, single_process_answers, tmp_path
+):
+    """FSDP shards only across GPUs: accelerate trains CPU processes data-parallel instead, and the run says so.
+    DeepSpeed ZeRO-2 and ZeRO-3 run on CPUs too (its CPU accelerator, gloo)."""
+    if config.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    data, expected = single_process_answers
+    launcher = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / f"{config}.yaml")]
+    launcher += ["--num_processes", "2", "--main_process_port", str(free_port())]
+    stdout, answers = learn_facts(tiny_model_dir, data, tmp_path / "out", launcher)
+    assert "2 processes" in stdout and stdout.count("[4/6]") == 1
+    assert answers == expected
+    note = "Note: FSDP shards models across GPUs only: these CPU processes train data-parallel (DDP) instead"
+    assert (note in stdout) == (config == "fsdp")
