@@ -1,13 +1,16 @@
-"""Side-by-side training benchmark: the original recipe against fine_tune.py's recipes.
+"""Side-by-side training benchmark: the original recipe, fine_tune.py's and TRL's SFTTrainer on the same work.
 
-    python benchmarks/bench_train.py                          # smollm2, mariya.json, 1 epoch
+    python benchmarks/bench_train.py                          # original, ours, ours-fp32, trl: smollm2, 1 epoch
     python benchmarks/bench_train.py --scale 10               # the data repeated 10 times
     python benchmarks/bench_train.py --model qwen2.5-3b-shape # GPU: random weights, Qwen2.5-3B's size
     python benchmarks/bench_train.py --recipes ours,packed,ours-2proc   # padding, packing, 2 processes
 
-Recipes: original (the original project's); ours (fine_tune.py's default: length-grouped batches
-padded to their longest example); packed (--packing: a batch's examples in one row, no padding);
-ours-2proc (the default, data parallel in 2 processes started by torchrun; on a CPU, DDP over gloo).
+Recipes: original (the original project's, float32 as its code runs on a CPU); ours (fine_tune.py's default,
+--precision auto: length-grouped batches padded to their longest example); ours-fp32 (the same in float32);
+packed (--packing); ours-2proc (the default in 2 processes started by torchrun; on a CPU, DDP over gloo);
+trl (TRL's SFTTrainer, the peer a user would pick instead: the same pairs as conversational prompt/completion,
+LoRA r=8 / alpha=32 on all linear layers, lr 2e-3, batch 8, at its best precision here); trl-fp32.
+trl is a benchmark-only dependency: pip install "trl==1.16.*".
 
 Each recipe trains in its own child process (same model, data and machine), so peak memory is
 measured per recipe. Prints a table and writes it as JSON.
@@ -20,13 +23,12 @@ import resource
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fine_tune
 
-RECIPES = ("original", "ours")  # the default comparison; also "packed" and "ours-2proc"
+RECIPES = ("original", "ours", "ours-fp32", "trl")  # the default comparison; also packed, ours-2proc, trl-fp32
 # Qwen2.5-3B-Instruct's architecture: same cost per step as the real model, random weights.
 QWEN_3B_SHAPE = dict(
     hidden_size=2048,
@@ -42,14 +44,15 @@ QWEN_3B_SHAPE = dict(
 )
 
 
-def build_model(name, cache_dir):
+def build_model(name, cache_dir, precision):
     """Model and tokenizer for a benchmark name: 'qwen2.5-3b-shape', or anything --model accepts."""
     if name != "qwen2.5-3b-shape":
-        return fine_tune.load_base_model(fine_tune.resolve_model(name, cache_dir))
+        return fine_tune.load_base_model(fine_tune.resolve_model(name, cache_dir), precision=precision)
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    device, dtype = fine_tune.pick_device()
+    device = fine_tune.pick_device()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     _, tokenizer = fine_tune.load_base_model(fine_tune.resolve_model("smollm2", cache_dir))
     with torch.device(device):
         model = Qwen2ForCausalLM(Qwen2Config(**QWEN_3B_SHAPE, dtype=dtype)).to(dtype)
@@ -65,61 +68,114 @@ def original_dataset(examples, tokenizer):
     return Dataset.from_dict({**encoded, "labels": [list(ids) for ids in encoded["input_ids"]]})
 
 
+def train_original(model, tokenizer, examples, epochs, output_dir):
+    """The original project's recipe: LoRA on q/k/v, lr 1e-3, batch 1, a checkpoint every epoch."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    dataset = original_dataset(examples, tokenizer)
+    model = fine_tune.setup_lora_model(model, 8, 32, "q_proj,k_proj,v_proj")
+    args = TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        learning_rate=1e-3,
+        per_device_train_batch_size=1,
+        logging_steps=25,
+        save_strategy="epoch",
+        report_to="none",
+        fp16=model.device.type == "cuda",
+        dataloader_pin_memory=model.device.type == "cuda",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+    return trainer, sum(map(sum, dataset["attention_mask"])), trainer.train
+
+
+def train_ours(model, tokenizer, examples, epochs, output_dir, precision, packing=False):
+    dataset = fine_tune.load_and_preprocess_data(examples, tokenizer)
+    model = fine_tune.setup_lora_model(model)
+    trainer = {}
+
+    def train():  # fine_tune.train_model builds its Trainer and trains: both are timed, as a user waits for both
+        trainer["trainer"] = fine_tune.train_model(
+            model, tokenizer, dataset, output_dir, epochs=epochs, packing=packing, precision=precision
+        )
+
+    return trainer, sum(map(len, dataset["input_ids"])), train
+
+
+def train_trl(model, tokenizer, examples, epochs, output_dir, precision):
+    """TRL's SFTTrainer with the same LoRA, learning rate, batch and data, as conversational prompt/completion
+    (it then learns the completions only, through the chat template, as ours does)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": e["prompt"]}],
+                "completion": [{"role": "assistant", "content": e["completion"]}],
+            }
+            for e in examples
+        ]
+    )
+    args = SFTConfig(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        learning_rate=2e-3,
+        per_device_train_batch_size=8,
+        max_length=fine_tune.MAX_LENGTH,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=model.device.type == "cpu",
+        logging_steps=25,
+        save_strategy="no",
+        report_to="none",
+        seed=fine_tune.SEED,
+    )
+    lora = LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
+    return trainer, sum(map(len, trainer.train_dataset["input_ids"])), trainer.train
+
+
 def train_once(recipe, model_name, data, epochs, scale, cache_dir, output_dir):
     """Train one recipe in this process; returns its measurements."""
     import torch
     import transformers
-    from transformers import Trainer, TrainingArguments, default_data_collator
 
     transformers.set_seed(fine_tune.SEED)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    fine_tune.quiet_libraries()
     examples = fine_tune.load_examples(data) * scale
-    model, tokenizer = build_model(model_name, cache_dir)
+    precision = "fp32" if recipe in ("original", "ours-fp32", "trl-fp32") else fine_tune.choose_precision()[0]
+    # TRL gets plain float32 weights and does its own mixed precision (SFTConfig bf16), as its users run it.
+    model, tokenizer = build_model(model_name, cache_dir, "fp32" if recipe.startswith("trl") else precision)
     if recipe == "original":
-        dataset = original_dataset(examples, tokenizer)
-        real_tokens = sum(map(sum, dataset["attention_mask"]))
-        model = fine_tune.setup_lora_model(model, 8, 32, "q_proj,k_proj,v_proj")
-        args = TrainingArguments(
-            output_dir=output_dir,
-            num_train_epochs=epochs,
-            learning_rate=1e-3,
-            per_device_train_batch_size=1,
-            logging_steps=25,
-            save_strategy="epoch",
-            report_to="none",
-            fp16=model.device.type == "cuda",
-            dataloader_pin_memory=model.device.type == "cuda",
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        trainer.train()
+        trainer, real_tokens, train = train_original(model, tokenizer, examples, epochs, output_dir)
+    elif recipe.startswith("trl"):
+        trainer, real_tokens, train = train_trl(model, tokenizer, examples, epochs, output_dir, precision)
     else:
-        dataset = fine_tune.load_and_preprocess_data(examples, tokenizer)
-        real_tokens = sum(map(len, dataset["input_ids"]))
-        model = fine_tune.setup_lora_model(model)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
         packing = recipe == "packed"
-        trainer = fine_tune.train_model(model, tokenizer, dataset, output_dir, epochs=epochs, packing=packing)
+        trainer, real_tokens, train = train_ours(model, tokenizer, examples, epochs, output_dir, precision, packing)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    train()
     seconds = time.perf_counter() - started
+    trainer = trainer.get("trainer") if isinstance(trainer, dict) else trainer
     if torch.cuda.is_available():
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    samples = len(trainer.train_dataset)
     return {
         "recipe": recipe,
         "train_seconds": round(seconds, 2),
-        "samples_per_second": round(len(dataset) * epochs / seconds, 3),
+        "samples_per_second": round(samples * epochs / seconds, 3),
         "real_tokens_per_second": round(real_tokens * epochs / seconds, 1),
         "peak_memory_mb": round(peak_mb),
         "memory_kind": "cuda max allocated" if torch.cuda.is_available() else "process peak RSS",
         "final_train_loss": round(trainer.state.log_history[-1]["train_loss"], 4),
-        "samples": len(dataset),
+        "samples": samples,
+        "precision": precision,
         "processes": fine_tune.processes(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
     }
@@ -170,6 +226,12 @@ def main(argv=None):
         speedup = result["samples_per_second"] / results[0]["samples_per_second"]
         summary[f"speedup_{result['recipe']}"] = round(speedup, 2)
         print(f"speed-up (samples/s, {result['recipe']} / {results[0]['recipe']}): {speedup:.2f}x")
+    by_recipe = {result["recipe"]: result for result in results}
+    if {"ours", "trl"} <= set(by_recipe):
+        summary["ours_vs_trl"] = round(
+            by_recipe["ours"]["samples_per_second"] / by_recipe["trl"]["samples_per_second"], 2
+        )
+        print(f"ours / trl (samples/s, each at its best precision): {summary['ours_vs_trl']:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -4,6 +4,8 @@ import json
 
 from conftest import run_script
 
+import fine_tune
+
 
 def test_benchmark_trains_both_recipes_and_writes_the_table(tiny_model_dir, write_jsonl, tmp_path):
     data = write_jsonl([{"prompt": f"Question {i}?", "completion": f"Answer number {i}."} for i in range(6)])
@@ -14,14 +16,16 @@ def test_benchmark_trains_both_recipes_and_writes_the_table(tiny_model_dir, writ
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     table = json.loads(result_file.read_text())
-    original, ours = table["results"]
-    assert (original["recipe"], ours["recipe"]) == ("original", "ours")
-    assert original["samples"] == ours["samples"] == 12
-    for row in (original, ours):
+    original, ours, ours_fp32, trl = table["results"]
+    assert [row["recipe"] for row in table["results"]] == ["original", "ours", "ours-fp32", "trl"]
+    assert original["samples"] == ours["samples"] == trl["samples"] == 12
+    for row in table["results"]:
         assert row["samples_per_second"] > 0 and row["peak_memory_mb"] > 0 and row["final_train_loss"] > 0
     # The original pads every sample to 128 tokens; ours trains on the real tokens only.
     assert ours["real_tokens_per_second"] / ours["samples_per_second"] < 128
-    assert table["speedup_ours"] > 0
+    assert original["precision"] == ours_fp32["precision"] == "fp32"
+    assert ours["precision"] == trl["precision"] == fine_tune.choose_precision()[0]
+    assert table["speedup_ours"] > 0 and table["ours_vs_trl"] > 0
     assert "speed-up (samples/s, ours / original)" in completed.stdout
 
 
