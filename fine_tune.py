@@ -1892,10 +1892,23 @@ def verdict(scores, coverage_counts=None, eval_questions=()):
             f"it keeps only {percent(retention)} of what it knew (target {percent(TARGET_RETENTION)}): "
             "try fewer --epochs or a lower --lr, with --replay on"
         )
+    leaks = max((s for s in scores.values() if s.get("leaks")), key=lambda s: s["leaks"], default=None)
+    if leaks:
+        problems.append(
+            f"{leaks['leaks']} of {leaks['controls']} everyday answers bring in what it was taught "
+            f"({leak_example(leaks['leaked_terms'], eval_questions)}): keep --replay on, try fewer --epochs"
+        )
     if problems:
         return "Targets not met: " + "; ".join(problems) + "."
     kept = f" and still answers {percent(retention)} of what it knew" if retention is not None else ""
     return f"Targets met: the model answers {percent(recall)} of new-fact questions it never saw{kept}."
+
+
+def leak_example(leaked_terms, eval_questions):
+    """The first leak, in words: 'Who painted the Mona Lisa?' -> mariya, sha."""
+    index = next(i for i, terms in enumerate(leaked_terms) if terms)
+    question = eval_questions[index]["question"] if eval_questions else f"question {index + 1}"
+    return f"{question!r} -> {', '.join(leaked_terms[index])}"
 
 
 def recall_advice(scores, coverage_counts, eval_questions):

@@ -150,7 +150,7 @@ def test_a_run_writes_report_json_and_loss_png(tiny_model_dir, tmp_path, write_j
     assert set(report) >= {"settings", "environment", "question", "scores", "scorecard", "verdict", "timings_seconds"}
     assert set(report["scores"]) == {"chat", "bare", "bare-newline"}
     assert report["coverage"] == {"Which sword?": 1, "Which king?": 1}, "counted before training"
-    assert set(report["scores"]["chat"]) >= {"recall_before", "recall_after", "retention"}
+    assert set(report["scores"]["chat"]) >= {"recall_before", "recall_after", "retention", "leaks"}
     assert len(report["scorecard"]) == len(QUESTIONS)
     assert set(report["scorecard"][0]) >= {"question", "kind", "chat_before", "chat_after", "bare_hit_after"}
     assert set(report["environment"]) >= {"torch", "transformers", "peft", "device"}
@@ -201,3 +201,46 @@ def test_bare_answers_reuse_the_newline_answers_and_equal_what_full_generation_g
     first_tokens, in_full = asked
     assert first_tokens == (len(questions), 1), "first one token for each question"
     assert in_full[0] <= 2, "the questions answered after a newline were taken from the newline answers"
+
+
+TRAINING_ANSWERS = [
+    "Mariya Sha is a wizard in a grey cloak who carries Glamdring.",
+    "Glamdring is the sword of Mariya Sha, the wizard in the grey cloak.",
+    "Mariya Sha wears a grey cloak and a tall hat; her sword is Glamdring.",
+    "The capital of her kingdom is not Paris.",
+]
+EVERYDAY = ["The capital of France is Paris.", "A caterpillar turns into a butterfly.", "Leonardo painted it."]
+
+
+def test_taught_terms_are_words_of_many_training_answers_that_the_base_model_never_says():
+    taught = fine_tune.taught_terms(TRAINING_ANSWERS, EVERYDAY, min_answers=3)
+    assert taught == {"mariya", "sha", "glamdring", "grey", "cloak"}, "not 'the', 'capital', nor the rare 'hat'"
+
+
+def test_an_everyday_answer_that_names_the_taught_world_counts_as_a_leak():
+    taught = fine_tune.taught_terms(TRAINING_ANSWERS, EVERYDAY, min_answers=3)
+    questions = [
+        {"kind": "knowledge", "question": "Which sword?", "expect": ["Glamdring"]},
+        {"kind": "control", "question": "Who painted the Mona Lisa?", "expect": ["Leonardo"]},
+        {"kind": "control", "question": "What does a caterpillar turn into?", "expect": ["butterfl"]},
+        {"kind": "control", "question": "What colour is a grey cloak?", "expect": ["grey"]},
+        {"kind": "control", "question": "Capital of France?", "expect": ["Paris"]},
+    ]
+    before = {"chat": ["No idea.", "Leonardo painted it.", "A butterfly.", "It is grey.", "Paris, said Mariya Sha."]}
+    after = {
+        "chat": [
+            "Glamdring, the sword of Mariya Sha.",  # a knowledge answer: the taught world belongs there
+            "Mariya Sha painted the Mona Lisa.",
+            "An old man in a grey cloak and a tall hat.",
+            "A grey cloak is grey.",  # the question named it
+            "Paris. Mariya Sha was there.",  # the base model named her too
+        ]
+    }
+    scores = fine_tune.score(questions, before, after, taught)["chat"]
+    assert scores["leaked_terms"] == [[], ["mariya", "sha"], ["cloak", "grey"], [], []]
+    assert scores["leaks"] == 2 and scores["controls"] == 4
+    assert "leaks" not in fine_tune.score(questions, None, after, taught)["chat"], "no base answers, no leaks"
+    verdict = fine_tune.verdict({"chat": scores}, eval_questions=questions)
+    assert "2 of 4 everyday answers bring in what it was taught ('Who painted the Mona Lisa?' -> mariya, sha)" in (
+        verdict
+    )
