@@ -1307,7 +1307,9 @@ def train_model(
         report_to="none",
         disable_tqdm=False,  # the progress bar, even with transformers' logging turned down
         seed=seed,
-        bf16=precision == "bf16",  # mixed precision, as the model was loaded for (load_base_model)
+        # On a CPU the model already computes in bf16 (load_base_model): Trainer's autocast on top would cost 15%.
+        # CUDA's mixed precision and DeepSpeed (whose config must agree) need to be told.
+        bf16=precision == "bf16" and (on_cuda or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"),
         fp16=precision == "fp16",
         tf32=on_cuda and torch.cuda.get_device_capability()[0] >= 8,
         dataloader_pin_memory=on_cuda,
@@ -1344,10 +1346,14 @@ def train_model(
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    attention = model.config._attn_implementation
+    if not on_cuda:  # PyTorch's SDPA backward is slow for short sequences on a CPU: plain attention trains 10% faster
+        model.set_attn_implementation("eager")
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:
         signal.signal(signal.SIGINT, previous)
+        model.set_attn_implementation(attention)  # generation is faster with SDPA
     if guard.failed_step is not None:
         raise RunFailed(
             f"the training loss stopped being a number at step {guard.failed_step} (learning rate {learning_rate}): "
