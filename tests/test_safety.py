@@ -18,7 +18,7 @@ def tiny_run(model_dir, data, output, *extra):
 
 def test_a_loss_that_becomes_nan_stops_training_with_advice_and_saves_nothing(tiny_model_dir, subset, tmp_path, capsys):
     output = tmp_path / "out"
-    assert fine_tune.main(tiny_run(tiny_model_dir, subset, output, "--skip-original", "--lr", "1e6")) == 1
+    assert fine_tune.main(tiny_run(tiny_model_dir, subset, output, "--skip-original", "--lr", "1e20")) == 1
     last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert last_line.startswith("error: the training loss stopped being a number at step ")
     assert "lower --lr" in last_line
