@@ -205,10 +205,6 @@ def snapshot(folder):
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob("*")}
 
 
-def test_the_catalogue_has_at_least_twenty_cases():
-    assert len(CATALOGUE) >= 20
-
-
 @pytest.mark.parametrize("case", CATALOGUE)
 def test_bad_input_gets_one_line_exit_code_2_and_changes_nothing(case, tmp_path, tiny, hub_cache, capsys):
     if case.startswith(("`--load-in-4bit`", "`--precision fp16`")):

@@ -201,4 +201,9 @@ def test_generation_returns_only_the_new_text_and_is_the_same_batched_or_alone(t
     batched = fine_tune.generate_answers(model, tokenizer, questions, max_new_tokens=8)
     alone = [fine_tune.generate_answers(model, tokenizer, [q], max_new_tokens=8)[0] for q in questions]
     assert batched == alone
-    assert not any(answer.startswith(q) for answer, q in zip(batched, questions))
+    for question, answer in zip(questions, batched):
+        prompt = fine_tune.prompt_ids(tokenizer, question)  # the chat template: system turn, question, "assistant"
+        with torch.no_grad():
+            output = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+        assert answer == tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip()
+        assert "helpful assistant" not in answer and question not in answer, "nothing of the prompt"

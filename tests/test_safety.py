@@ -101,17 +101,22 @@ def test_pickle_weights_load_only_when_allowed(tiny_model_dir, tmp_path):
     assert model.config.model_type == "qwen2"
 
 
-def test_gradient_checkpointing_trains_to_the_same_weights(tiny_model_dir, tmp_path):
-    results = []
+def test_gradient_checkpointing_recomputes_each_layer_and_trains_to_the_same_weights(tiny_model_dir, tmp_path):
+    results, layer_calls = [], []
     for checkpointing in (False, True):
         model, tokenizer = fine_tune.load_base_model(tiny_model_dir)
         examples = fine_tune.load_examples(fine_tune.HERE / "mariya.json")[:16]
-        dataset = fine_tune.load_and_preprocess_data(examples, tokenizer)
+        dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0)  # 16 pairs: 2 steps of 8
         torch.manual_seed(0)  # the same initial LoRA weights
         model = fine_tune.setup_lora_model(model)
+        calls, mlp = [], model.base_model.model.model.layers[0].mlp
+        forward = mlp.forward  # counted by hand: module hooks do not run when the backward pass recomputes
+        mlp.forward = lambda *args, calls=calls, forward=forward, **kwargs: calls.append(1) or forward(*args, **kwargs)
         output = str(tmp_path / str(checkpointing))
         fine_tune.train_model(model, tokenizer, dataset, output, epochs=1, gradient_checkpointing=checkpointing)
         results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        layer_calls.append(len(calls))
+    assert layer_calls == [2, 4], "with checkpointing, the backward pass runs each layer's forward again"
     plain, checkpointed = results
     assert all(torch.allclose(plain[name], checkpointed[name], atol=1e-5) for name in plain)
 

@@ -91,10 +91,22 @@ def test_merge_refuses_to_replace_a_merge_of_another_base_model(qwen_adapter, ca
 
 
 def test_merge_replaces_an_earlier_merge_of_the_same_base(tiny_model_dir, tmp_path, capsys):
-    make_adapter(tiny_model_dir, tmp_path / "adapter")
-    for _ in range(2):
-        assert fine_tune.main(["--output", str(tmp_path / "adapter"), "--skip-training", "--merge"]) == 0
-    assert (tmp_path / "adapter" / "merged" / "model.safetensors").is_file()
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_model_dir, adapter)
+    assert fine_tune.main(["--output", str(adapter), "--skip-training", "--merge"]) == 0
+    weights = load_file(adapter / "adapter_model.safetensors")  # the adapter changes, as after training again
+    save_file(
+        {name: 2 * w if "lora_B" in name else w for name, w in weights.items()}, adapter / "adapter_model.safetensors"
+    )
+    assert fine_tune.main(["--output", str(adapter), "--skip-training", "--merge"]) == 0
+    model, _ = fine_tune.load_finetuned_model(adapter)
+    merged = AutoModelForCausalLM.from_pretrained(adapter / "merged").eval()
+    with torch.no_grad():
+        expected = model.eval()(input_ids=torch.tensor(PROBE)).logits
+        assert torch.allclose(merged(input_ids=torch.tensor(PROBE)).logits, expected, atol=1e-5), "the new adapter"
     report = capsys.readouterr().out
     assert "Merged the adapter" in report and "[6/6]" not in report, "only merging: no questions asked"
 
@@ -134,13 +146,23 @@ def test_chat_asks_after_the_system_prompt_also_after_reset(tiny_model, monkeypa
     assert lengths[0] != len(fine_tune.prompt_ids(tokenizer, question, "chat"))
 
 
-def test_chat_answers_stream_as_they_are_generated(tiny_model, monkeypatch, capsys):
+def test_chat_answers_stream_as_they_are_generated(tiny_model, monkeypatch):
     model, tokenizer = tiny_model
-    chat_with(model, tokenizer, ["Who is Mariya Sha?", "/exit", "never asked"], monkeypatch)
     answer = fine_tune.generate_answers(model, tokenizer, ["Who is Mariya Sha?"], max_new_tokens=4)[0]
-    out = capsys.readouterr().out
-    assert f"model> {answer}" in out
-    assert "never asked" not in out, "/exit leaves at once"
+    screen, seen_when_generated = io.StringIO(), []
+    generate = model.generate
+
+    def generate_and_look(*args, **kwargs):
+        output = generate(*args, **kwargs)
+        seen_when_generated.append(screen.getvalue())  # what the user saw by the time the answer was complete
+        return output
+
+    monkeypatch.setattr(model, "generate", generate_and_look)
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Who is Mariya Sha?\n/exit\nnever asked\n"))
+    fine_tune.chat(model, tokenizer, max_new_tokens=4)
+    assert seen_when_generated[0].rstrip().endswith(f"model> {answer}"), "printed while generated, not after"
+    assert "never asked" not in screen.getvalue(), "/exit leaves at once"
 
 
 def test_chat_from_the_command_line_ends_cleanly_at_end_of_input(qwen_adapter):
