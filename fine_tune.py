@@ -143,6 +143,7 @@ def run(args, held):
     precision, why = choose_precision(args.precision)
     print(describe_precision(precision, why))
     loading = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle, "precision": precision}
+    remember = answers_folder(args.cache_dir, base_model, precision)  # the base model's answers, between runs
     resume_from, fingerprint = None, None
     if not args.skip_training:
         resume_from, fingerprint = check_before_training(args, base_model, inputs["source"])
@@ -158,7 +159,7 @@ def run(args, held):
         if not args.skip_original and is_main_process():
             with stopwatch(timings, "before"):
                 before = test_original_model(
-                    model, tokenizer, args.question, questions, args.max_new_tokens, args.system_prompt
+                    model, tokenizer, args.question, questions, args.max_new_tokens, args.system_prompt, remember
                 )
         if not args.skip_training:
             if not args.resume and is_main_process():
@@ -166,7 +167,9 @@ def run(args, held):
             with stopwatch(timings, "data"):
                 everyday = everyday_answers(questions, before)
                 dataset, taught = from_main_process(
-                    lambda: make_dataset(args, inputs["examples"], model, tokenizer, everyday, inputs["source"])
+                    lambda: make_dataset(
+                        args, inputs["examples"], model, tokenizer, everyday, inputs["source"], remember=remember
+                    )
                 )
             model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
             with stopwatch(timings, "train"):
@@ -306,31 +309,39 @@ def stopwatch(timings, name):
 
 
 def test_original_model(
-    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None
+    model, tokenizer, question, eval_questions=(), max_new_tokens=MAX_NEW_TOKENS, system_prompt=None, remember=None
 ):
-    """Step 1: ask the base model before it learns anything. Returns its answers (see ask_questions)."""
-    answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens, system_prompt)
-    print(f"[1/6] Original model answers: {answers['question']}")
+    """Step 1: ask the base model before it learns anything. Returns its answers (see ask_questions).
+
+    remember: a folder (see answers_folder) that keeps the answers for the next run asking the same.
+    """
+    answers, earlier = remembered(
+        remember,
+        ["scorecard", question, eval_questions, max_new_tokens, system_prompt, ASK_FORMS],
+        lambda: ask_questions(model, tokenizer, question, eval_questions, max_new_tokens, system_prompt),
+    )
+    print(f"[1/6] Original model answers{' (as in an earlier run)' if earlier else ''}: {answers['question']}")
     return answers
 
 
-def make_dataset(args, examples, model, tokenizer, everyday=(), source=None, replay_prompts=REPLAY_PROMPTS_FILE):
+def make_dataset(
+    args, examples, model, tokenizer, everyday=(), source=None, replay_prompts=REPLAY_PROMPTS_FILE, remember=None
+):
     """Step 2 for the command line: the base model's answers to train on alongside (replay, contrast), then
     the tokenized Dataset. Returns it with the taught terms (see taught_terms), which the scorecard needs.
 
     `everyday`: the base model's answers to the scorecard's control questions, if it was asked; source: see
-    load_data.
+    load_data; remember: see answers_folder.
     """
     replay = []
     if args.replay:
-        replay = make_replay_examples(
-            model, tokenizer, load_replay_prompts(replay_prompts), system_prompt=args.system_prompt
-        )
+        prompts = load_replay_prompts(replay_prompts)
+        replay = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt, remember=remember)
         print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
     taught = taught_terms(answer_texts(examples), [*everyday, *answer_texts(replay)])
     if args.contrast:
         prompts = contrast_prompts([e["prompt"] for e in examples if "prompt" in e], taught)
-        contrast = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt)
+        contrast = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt, remember=remember)
         print(f"Contrast: the base model answered {len(contrast)} of your prompts asked about someone else")
         replay += contrast
     names = name_pairs(examples, taught) if args.name_pairs else []
@@ -1445,6 +1456,42 @@ def bare_answers(model, tokenizer, questions, newline_answers, max_new_tokens=MA
     return [decode(tokenizer, answers[index]) for index in range(len(questions))]
 
 
+def answers_folder(cache_dir, base_model, precision):
+    """Where the base model's answers are kept between runs: a folder for this model (its files as they are
+    now), precision, libraries and thread count. Greedy answers depend on nothing else but the questions."""
+    import torch
+    import transformers
+
+    folder = Path(base_model)
+    if not folder.is_dir():  # a hub id: its downloaded snapshot, whose path names the revision
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(str(base_model), "config.json")
+        folder = Path(config).parent if isinstance(config, str) else folder
+    files = [(file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in sorted(folder.glob("*"))]
+    versions = [torch.__version__, transformers.__version__, torch.get_num_threads(), pick_device()]
+    return Path(cache_dir) / "answers" / hash_of([str(folder.resolve()), files, precision, *versions])
+
+
+def remembered(folder, question, ask):
+    """(answers, True) as kept in `folder` by an earlier run that asked `question` (all that the answers depend on
+    besides the folder's model), else (ask(), False), kept there for the next run. Without a folder: ask()."""
+    path = Path(folder) / f"{hash_of(question)}.json" if folder else None
+    if path and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")), True
+    answers = ask()
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(answers, ensure_ascii=False), encoding="utf-8")
+        partial.replace(path)  # whole or not at all, also when two runs write it at once
+    return answers, False
+
+
+def hash_of(value):
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def everyday_answers(eval_questions, before, replay=()):
     """The base model's answers to the control questions (every way of asking) and to the replay prompts."""
     answers = [example["completion"] for example in replay]
@@ -1547,13 +1594,18 @@ def load_replay_prompts(path=REPLAY_PROMPTS_FILE):
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def make_replay_examples(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, system_prompt=None):
+def make_replay_examples(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, system_prompt=None, remember=None):
     """Pair general prompts with the base model's own answers, to train on alongside the new facts.
 
     This replay keeps the adapter close to the base model outside the new facts: without it, a
     small model taught about one person forgets everyday facts or brings her into unrelated answers.
+    remember: a folder (see answers_folder) that keeps the answers for the next run asking the same.
     """
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, system_prompt=system_prompt)
+    answers, _ = remembered(
+        remember,
+        ["replay", prompts, max_new_tokens, system_prompt],
+        lambda: generate_answers(model, tokenizer, prompts, max_new_tokens, system_prompt=system_prompt),
+    )
     answers = [complete_sentences(a) for a in answers]
     return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a]
 

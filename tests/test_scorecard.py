@@ -2,7 +2,9 @@
 
 import difflib
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -244,3 +246,22 @@ def test_an_everyday_answer_that_names_the_taught_world_counts_as_a_leak():
     assert "2 of 4 everyday answers bring in what it was taught ('Who painted the Mona Lisa?' -> mariya, sha)" in (
         verdict
     )
+
+
+def test_the_base_models_answers_are_remembered_for_the_next_run_and_asked_again_for_another_model(
+    tiny_model, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    model, tokenizer = tiny_model
+    folder = fine_tune.answers_folder(tmp_path, tiny_model_dir, "fp32")
+    first = fine_tune.test_original_model(model, tokenizer, "Who is she?", QUESTIONS, 4, remember=folder)
+    assert "Original model answers: " in capsys.readouterr().out
+
+    monkeypatch.setattr(fine_tune, "generate_ids", lambda *args: pytest.fail("asked again"))
+    assert fine_tune.test_original_model(model, tokenizer, "Who is she?", QUESTIONS, 4, remember=folder) == first
+    assert "Original model answers (as in an earlier run): " in capsys.readouterr().out
+    with pytest.raises(pytest.fail.Exception, match="asked again"):  # another question
+        fine_tune.test_original_model(model, tokenizer, "Who is he?", QUESTIONS, 4, remember=folder)
+    assert fine_tune.answers_folder(tmp_path, tiny_model_dir, "bf16") != folder, "another precision"
+    weights = Path(tiny_model_dir) / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # the model file changed
+    assert fine_tune.answers_folder(tmp_path, tiny_model_dir, "fp32") != folder
