@@ -12,8 +12,9 @@ import fine_tune
 
 
 def tiny_run(model_dir, data, output, *extra):
+    """A short run of the tiny model; its cache (and so the base model's remembered answers) is its own."""
     return ["--model", str(model_dir), "--data", str(data), "--output", str(output), "--no-replay",
-            "--eval-questions", "none", *extra]  # fmt: skip
+            "--eval-questions", "none", "--cache-dir", str(Path(output).parent / "cache"), *extra]  # fmt: skip
 
 
 def test_a_loss_that_becomes_nan_stops_training_with_advice_and_saves_nothing(tiny_model_dir, subset, tmp_path, capsys):
