@@ -338,13 +338,15 @@ def make_dataset(
         prompts = load_replay_prompts(replay_prompts)
         replay = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt, remember=remember)
         print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
-    taught = taught_terms(answer_texts(examples), [*everyday, *answer_texts(replay)])
+    everyday = [*everyday, *answer_texts(replay)]
+    taught = taught_terms(answer_texts(examples), everyday, tokenizer)
+    unfamiliar = unfamiliar_words(answer_texts(examples), everyday)
     if args.contrast:
-        prompts = contrast_prompts([e["prompt"] for e in examples if "prompt" in e], taught)
+        prompts = contrast_prompts([e["prompt"] for e in examples if "prompt" in e], unfamiliar)
         contrast = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt, remember=remember)
         print(f"Contrast: the base model answered {len(contrast)} of your prompts asked about someone else")
         replay += contrast
-    names = name_pairs(examples, taught) if args.name_pairs else []
+    names = name_pairs(examples, unfamiliar) if args.name_pairs else []
     if names:
         print(f"Names: {len(names)} pairs ask about each name the answers teach")
     for example in replay:
@@ -1559,24 +1561,60 @@ def normalize(text):
 
 
 def leaked_terms(question, before, after, taught):
-    """The taught words in an everyday answer that neither the question nor the base model's answer named."""
-    return sorted((words(after) & taught) - words(before) - words(question))
+    """The taught terms in an everyday answer that neither the question nor the base model's answer named."""
+    return sorted((terms(after) & taught) - terms(before) - terms(question))
 
 
-def words(text):
+def terms(text):
+    """The words of a text (three letters or more) and its pairs of neighbouring words, neither of them a function
+    word; lower case without accents: "Théoden's grey cloak" -> theoden's, grey, cloak, theoden's grey, grey cloak."""
+    import itertools
+
+    found = words(text, keep_order=True)
+    pairs = {f"{a} {b}" for a, b in itertools.pairwise(found) if not {a, b} & FUNCTION_WORDS}
+    return set(found) | pairs
+
+
+def words(text, keep_order=False):
     """The words of a text, lower case without accents ("Théoden's" -> "theoden's"), of three letters or more."""
     import re
 
-    return {word.strip("'-") for word in re.findall(r"[^\W\d_][\w'-]+", normalize(text)) if len(word.strip("'-")) > 2}
+    found = [word.strip("'-") for word in re.findall(r"[^\W\d_][\w'-]+", normalize(text))]
+    found = [word for word in found if len(word) > 2]
+    return found if keep_order else set(found)
 
 
-def taught_terms(training_answers, everyday_answers, min_answers=TAUGHT_MIN_ANSWERS):
-    """The words only the training data could have taught: named in `min_answers` or more training answers,
-    and in none of the base model's own everyday answers (to the control questions and the replay prompts).
+# Words that join others: a pair with one of them ("of Rohan") says no more than its other word does.
+FUNCTION_WORDS = set(
+    "the and for with from into onto over under about after before while than then also not but are was were "
+    "been this that these those she her hers his him they them their there here what which who whom whose when "
+    "where why how its one".split()
+)
 
-    Names ("Mariya", "Glamdring") and the words of the new world ("cloak", "wizard") qualify; words that the
-    base model uses anyway do not. Works for any data: nothing here knows what the data is about.
+
+def taught_terms(training_answers, everyday_answers, tokenizer, min_answers=TAUGHT_MIN_ANSWERS):
+    """What only the training data could have taught: words that the model has no single token for (names and
+    coined words: "Mariya", "Glamdring") and pairs of words ("grey cloak"), each in `min_answers` or more training
+    answers and in none of the base model's own everyday answers (to the control questions and replay prompts).
+
+    Plain words ("about", "famous") are left out: the base model knows them, and its small sample of everyday
+    answers would otherwise let them pass. Works for any data: nothing here knows what the data is about.
     """
+    from collections import Counter
+
+    everyday = set().union(*map(terms, everyday_answers))
+    counts = Counter(term for answer in training_answers for term in terms(answer))
+    return {
+        term
+        for term, count in counts.items()
+        if count >= min_answers
+        and term not in everyday
+        and (" " in term or len(tokenizer(" " + term, add_special_tokens=False)["input_ids"]) > 1)
+    }
+
+
+def unfamiliar_words(training_answers, everyday_answers, min_answers=TAUGHT_MIN_ANSWERS):
+    """The words of `min_answers` or more training answers that the base model's everyday answers never use."""
     from collections import Counter
 
     everyday = set().union(*map(words, everyday_answers))

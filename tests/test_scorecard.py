@@ -214,13 +214,23 @@ TRAINING_ANSWERS = [
 EVERYDAY = ["The capital of France is Paris.", "A caterpillar turns into a butterfly.", "Leonardo painted it."]
 
 
-def test_taught_terms_are_words_of_many_training_answers_that_the_base_model_never_says():
-    taught = fine_tune.taught_terms(TRAINING_ANSWERS, EVERYDAY, min_answers=3)
-    assert taught == {"mariya", "sha", "glamdring", "grey", "cloak"}, "not 'the', 'capital', nor the rare 'hat'"
+def tokenizer_knowing(*known):
+    """A stand-in for a tokenizer: one token for each word it knows, two for any other."""
+    return lambda text, add_special_tokens: {"input_ids": [0] if text.strip() in known else [0, 1]}
+
+
+TOKENIZER = tokenizer_knowing("grey", "cloak", "wizard", "sword", "carries", "wears", "tall", "hat", "capital", "paris")
+
+
+def test_taught_terms_are_names_and_pairs_of_words_of_many_training_answers_that_the_base_model_never_says():
+    taught = fine_tune.taught_terms(TRAINING_ANSWERS, EVERYDAY, TOKENIZER, min_answers=3)
+    assert taught == {"mariya", "sha", "glamdring", "mariya sha", "grey cloak"}, (
+        "not 'the' or 'capital'; not 'wizard' or 'grey' alone, which the model knows; not the rare 'tall hat'"
+    )
 
 
 def test_an_everyday_answer_that_names_the_taught_world_counts_as_a_leak():
-    taught = fine_tune.taught_terms(TRAINING_ANSWERS, EVERYDAY, min_answers=3)
+    taught = fine_tune.taught_terms(TRAINING_ANSWERS, EVERYDAY, TOKENIZER, min_answers=3)
     questions = [
         {"kind": "knowledge", "question": "Which sword?", "expect": ["Glamdring"]},
         {"kind": "control", "question": "Who painted the Mona Lisa?", "expect": ["Leonardo"]},
@@ -239,12 +249,13 @@ def test_an_everyday_answer_that_names_the_taught_world_counts_as_a_leak():
         ]
     }
     scores = fine_tune.score(questions, before, after, taught)["chat"]
-    assert scores["leaked_terms"] == [[], ["mariya", "sha"], ["cloak", "grey"], [], []]
+    assert scores["leaked_terms"] == [[], ["mariya", "mariya sha", "sha"], ["grey cloak"], [], []]
     assert scores["leaks"] == 2 and scores["controls"] == 4
     assert "leaks" not in fine_tune.score(questions, None, after, taught)["chat"], "no base answers, no leaks"
     verdict = fine_tune.verdict({"chat": scores}, eval_questions=questions)
-    assert "2 of 4 everyday answers bring in what it was taught ('Who painted the Mona Lisa?' -> mariya, sha)" in (
-        verdict
+    assert (
+        "2 of 4 everyday answers bring in what it was taught ('Who painted the Mona Lisa?' -> mariya, mariya sha, sha)"
+        in (verdict)
     )
 
 
