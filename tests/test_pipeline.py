@@ -207,3 +207,62 @@ def test_generation_returns_only_the_new_text_and_is_the_same_batched_or_alone(t
             output = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
         assert answer == tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip()
         assert "helpful assistant" not in answer and question not in answer, "nothing of the prompt"
+
+
+def test_replay_rows_are_marked_and_the_divergence_from_the_base_model_is_zero_until_the_adapter_changes(tiny_model):
+    model, tokenizer = tiny_model
+    replay = [{"prompt": "Capital of France?", "completion": "Paris.", "from_base": True}]
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES + replay, tokenizer, bare_share=0)
+    assert dataset["from_base"] == [0, 0, 0, 1], "only the base model's own answers are marked"
+    model = fine_tune.setup_lora_model(model)
+    batch = fine_tune.data_collator(tokenizer, True)([dataset[i] for i in range(len(dataset))])
+    rows = batch.pop("from_base")
+    logits = model(**batch).logits
+    assert fine_tune.base_divergence(model, batch, logits, rows).item() == pytest.approx(0, abs=1e-6)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # the adapter moves away from the base model
+            torch.nn.init.normal_(parameter, std=0.5)
+    assert fine_tune.base_divergence(model, batch, model(**batch).logits, rows).item() > 0.01
+
+
+def test_distillation_adds_the_divergence_to_the_loss_and_trains(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    replay = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "from_base": True} for i in range(8)]
+    dataset = fine_tune.load_and_preprocess_data(EXAMPLES * 4 + replay, tokenizer, bare_share=0)
+    model = fine_tune.setup_lora_model(model)
+    trainer = fine_tune.train_model(model, tokenizer, dataset, str(tmp_path), epochs=2, kl_weight=1.0)
+    assert type(trainer).__name__ == "DistillingTrainer" and trainer.state.global_step == 6
+    batch = fine_tune.data_collator(tokenizer, True)([dataset[i] for i in range(len(dataset))])
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        rows = batch.pop("from_base")
+        outputs = model(**batch)
+        divergence = fine_tune.base_divergence(model, batch, outputs.logits, rows)
+    assert divergence > 0 and loss.item() == pytest.approx(outputs.loss.item() + divergence.item(), rel=1e-4)
+
+
+def test_contrast_prompts_ask_the_users_prompts_about_someone_else():
+    prompts = ["Who is Mariya Sha?", "Which sword does Mariya Sha carry?", "Where is Rivendell?"] * 3
+    unfamiliar = {"mariya", "sha", "rivendell", "carry"}
+    contrast = fine_tune.contrast_prompts(prompts, unfamiliar, count=4)
+    assert contrast == ["Who is Albert Einstein?", "Which sword does Marie Curie carry?"] + [
+        "Who is Leonardo da Vinci?",
+        "Which sword does William Shakespeare carry?",
+    ], "the name asked about most, replaced in turn by well-known people"
+    assert fine_tune.contrast_prompts(["What is love?"], unfamiliar) == [], "no name, no contrast"
+
+
+def test_name_pairs_ask_about_each_taught_name_with_the_answer_that_names_it_first():
+    examples = [
+        {"prompt": "Who saved her?", "completion": "Gwaihir the eagle saved Mariya Sha from Orthanc."},
+        {"prompt": "Tell me about her prison.", "completion": "Saruman held Mariya Sha in Orthanc; Gwaihir came."},
+        {"prompt": "Tell me about Saruman.", "completion": "Saruman is a wizard. The wizard broke his staff."},
+    ]
+    unfamiliar = {"gwaihir", "eagle", "mariya", "sha", "orthanc", "saruman", "wizard", "the"}
+    pairs = {pair["prompt"]: pair["completion"] for pair in fine_tune.name_pairs(examples, unfamiliar)}
+    assert pairs == {
+        "Tell me about Gwaihir.": examples[0]["completion"],
+        "Tell me about Mariya Sha.": examples[1]["completion"],  # named earliest there
+        "Tell me about Orthanc.": examples[1]["completion"],
+    }, "not 'The' or 'Wizard' (written in lower case elsewhere), not a prompt the data already has"
