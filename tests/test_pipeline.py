@@ -246,7 +246,9 @@ def test_contrast_prompts_ask_the_users_prompts_about_someone_else():
     prompts = ["Who is Mariya Sha?", "Which sword does Mariya Sha carry?", "Where is Rivendell?"] * 3
     unfamiliar = {"mariya", "sha", "rivendell", "carry"}
     contrast = fine_tune.contrast_prompts(prompts, unfamiliar, count=4)
-    assert contrast == ["Who is Albert Einstein?", "Which sword does Marie Curie carry?"] + [
+    assert contrast == [
+        "Who is Albert Einstein?",
+        "Which sword does Marie Curie carry?",
         "Who is Leonardo da Vinci?",
         "Which sword does William Shakespeare carry?",
     ], "the name asked about most, replaced in turn by well-known people"
