@@ -340,19 +340,22 @@ def make_dataset(
         print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
     everyday = [*everyday, *answer_texts(replay)]
     taught = taught_terms(answer_texts(examples), everyday, tokenizer)
-    unfamiliar = unfamiliar_words(answer_texts(examples), everyday)
     if args.contrast:
+        unfamiliar = unfamiliar_words(answer_texts(examples), everyday)
         prompts = contrast_prompts([e["prompt"] for e in examples if "prompt" in e], unfamiliar)
         contrast = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt, remember=remember)
         print(f"Contrast: the base model answered {len(contrast)} of your prompts asked about someone else")
         replay += contrast
-    names = name_pairs(examples, unfamiliar) if args.name_pairs else []
-    if names:
-        print(f"Names: {len(names)} pairs ask about each name the answers teach")
     for example in replay:
         example["from_base"] = True
-    rows = training_examples(args, examples, replay) + names
-    dataset = load_and_preprocess_data(rows, tokenizer, args.max_length, args.bare_share, args.system_prompt, source)
+    dataset = load_and_preprocess_data(
+        training_examples(args, examples, replay),
+        tokenizer,
+        args.max_length,
+        args.bare_share,
+        args.system_prompt,
+        source,
+    )
     return dataset, taught
 
 
@@ -1684,24 +1687,6 @@ def names_in(text, names):
     return found
 
 
-def name_pairs(examples, taught):
-    """A pair for every name the answers teach: "Tell me about Gwaihir." answered by the training answer that
-    names it first, so each relation is also learned from its other side, not only from the main subject's."""
-    answers = answer_texts(example for example in examples if "text" not in example)
-    names, first_named = taught_names(answers, taught), {}
-    for answer in answers:
-        for name in names_in(answer, names):
-            position = answer.index(name) / len(answer)
-            if position < first_named.get(name, (1.0, ""))[0]:
-                first_named[name] = (position, answer)
-    prompts = {e.get("prompt") for e in examples}
-    return [
-        {"prompt": f"Tell me about {name}.", "completion": answer}
-        for name, (_, answer) in first_named.items()
-        if f"Tell me about {name}." not in prompts
-    ]
-
-
 def training_examples(args, examples, replay):
     """The user's examples, the replay pairs, and with --statements each answer once more as plain text."""
     answers = answer_texts(e for e in examples if "text" not in e) if args.statements else []
@@ -2707,10 +2692,6 @@ FLAGS = {
         "--contrast": dict(
             action="store_true",
             help="also train on the base model's answers to some of your prompts asked about someone else",
-        ),
-        "--name-pairs": dict(
-            action="store_true",
-            help='also train on "Tell me about NAME." for each name your answers teach',
         ),
         "--max-length": dict(
             type=int,

@@ -253,18 +253,3 @@ def test_contrast_prompts_ask_the_users_prompts_about_someone_else():
         "Which sword does William Shakespeare carry?",
     ], "the name asked about most, replaced in turn by well-known people"
     assert fine_tune.contrast_prompts(["What is love?"], unfamiliar) == [], "no name, no contrast"
-
-
-def test_name_pairs_ask_about_each_taught_name_with_the_answer_that_names_it_first():
-    examples = [
-        {"prompt": "Who saved her?", "completion": "Gwaihir the eagle saved Mariya Sha from Orthanc."},
-        {"prompt": "Tell me about her prison.", "completion": "Saruman held Mariya Sha in Orthanc; Gwaihir came."},
-        {"prompt": "Tell me about Saruman.", "completion": "Saruman is a wizard. The wizard broke his staff."},
-    ]
-    unfamiliar = {"gwaihir", "eagle", "mariya", "sha", "orthanc", "saruman", "wizard", "the"}
-    pairs = {pair["prompt"]: pair["completion"] for pair in fine_tune.name_pairs(examples, unfamiliar)}
-    assert pairs == {
-        "Tell me about Gwaihir.": examples[0]["completion"],
-        "Tell me about Mariya Sha.": examples[1]["completion"],  # named earliest there
-        "Tell me about Orthanc.": examples[1]["completion"],
-    }, "not 'The' or 'Wizard' (written in lower case elsewhere), not a prompt the data already has"
