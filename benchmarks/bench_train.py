@@ -7,6 +7,8 @@
 
 Recipes: original (the original project's, float32 as its code runs on a CPU); ours (fine_tune.py's default,
 --precision auto: length-grouped batches padded to their longest example); ours-fp32 (the same in float32);
+default (fine_tune.py's whole default epoch: the pairs, each answer as a statement, the replay answers, and
+every default setting, as `python fine_tune.py` trains);
 packed (--packing); ours-2proc (the default in 2 processes started by torchrun; on a CPU, DDP over gloo);
 trl (TRL's SFTTrainer, the peer a user would pick instead: the same pairs as conversational prompt/completion,
 LoRA r=8 / alpha=32 on all linear layers, lr 2e-3, batch 8, at its best precision here); trl-fp32.
@@ -28,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fine_tune
 
-RECIPES = ("original", "ours", "ours-fp32", "trl")  # the default comparison; also packed, ours-2proc, trl-fp32
+RECIPES = ("original", "ours", "ours-fp32", "trl", "default")  # also packed, ours-2proc, trl-fp32
 # Qwen2.5-3B-Instruct's architecture: same cost per step as the real model, random weights.
 QWEN_3B_SHAPE = dict(
     hidden_size=2048,
@@ -102,6 +104,24 @@ def train_ours(model, tokenizer, examples, epochs, output_dir, precision, packin
     return trainer, sum(map(len, dataset["input_ids"])), train
 
 
+def train_default(model, tokenizer, examples, epochs, output_dir, cache_dir, model_name, precision):
+    """fine_tune.py's default run's training: its whole dataset (replay answers remembered in cache_dir, asked
+    once when missing, before the clock starts) and every default setting."""
+    args = fine_tune.parse_args([])
+    remember = fine_tune.answers_folder(cache_dir, fine_tune.resolve_model(model_name, cache_dir), precision)
+    dataset, _ = fine_tune.make_dataset(args, examples, model, tokenizer, remember=remember)
+    model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
+    trainer = {}
+
+    def train():
+        trainer["trainer"] = fine_tune.train_model(
+            model, tokenizer, dataset, output_dir, epochs, args.lr, args.batch_size, args.seed,
+            kl_weight=args.kl_weight, neftune_alpha=args.neftune, precision=precision,
+        )  # fmt: skip
+
+    return trainer, sum(map(len, dataset["input_ids"])), train
+
+
 def train_trl(model, tokenizer, examples, epochs, output_dir, precision):
     """TRL's SFTTrainer with the same LoRA, learning rate, batch and data, as conversational prompt/completion
     (it then learns the completions only, through the chat template, as ours does)."""
@@ -150,6 +170,10 @@ def train_once(recipe, model_name, data, epochs, scale, cache_dir, output_dir):
     model, tokenizer = build_model(model_name, cache_dir, "fp32" if recipe.startswith("trl") else precision)
     if recipe == "original":
         trainer, real_tokens, train = train_original(model, tokenizer, examples, epochs, output_dir)
+    elif recipe == "default":
+        trainer, real_tokens, train = train_default(
+            model, tokenizer, examples, epochs, output_dir, cache_dir, model_name, precision
+        )
     elif recipe.startswith("trl"):
         trainer, real_tokens, train = train_trl(model, tokenizer, examples, epochs, output_dir, precision)
     else:
@@ -232,6 +256,13 @@ def main(argv=None):
             by_recipe["ours"]["samples_per_second"] / by_recipe["trl"]["samples_per_second"], 2
         )
         print(f"ours / trl (samples/s, each at its best precision): {summary['ours_vs_trl']:.2f}x")
+    if {"original", "default"} <= set(by_recipe):
+        # The original trains 10 epochs; fine_tune.py's default EPOCHS of its larger epoch.
+        original = by_recipe["original"]["train_seconds"] / args.epochs * 10
+        default = by_recipe["default"]["train_seconds"] / args.epochs * fine_tune.EPOCHS
+        summary["finished_model_speedup"] = round(original / default, 2)
+        print(f"time to the finished model, original 10 epochs / default {fine_tune.EPOCHS} epochs: ", end="")
+        print(f"{original:.0f} s / {default:.0f} s = {original / default:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -7,18 +7,20 @@ from conftest import run_script
 import fine_tune
 
 
-def test_benchmark_trains_both_recipes_and_writes_the_table(tiny_model_dir, write_jsonl, tmp_path):
+def test_benchmark_trains_each_recipe_on_the_same_pairs_and_writes_the_table(tiny_model_dir, write_jsonl, tmp_path):
     data = write_jsonl([{"prompt": f"Question {i}?", "completion": f"Answer number {i}."} for i in range(6)])
     result_file = tmp_path / "bench.json"
     completed = run_script(
         "--model", tiny_model_dir, "--data", data, "--epochs", "1", "--scale", "2", "--json", result_file,
-        script="benchmarks/bench_train.py",
+        "--cache-dir", tmp_path / "cache", script="benchmarks/bench_train.py",
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     table = json.loads(result_file.read_text())
-    original, ours, ours_fp32, trl = table["results"]
-    assert [row["recipe"] for row in table["results"]] == ["original", "ours", "ours-fp32", "trl"]
+    original, ours, ours_fp32, trl, default = table["results"]
+    assert [row["recipe"] for row in table["results"]] == ["original", "ours", "ours-fp32", "trl", "default"]
     assert original["samples"] == ours["samples"] == trl["samples"] == 12
+    # The default run's epoch: the pairs, each answer as a statement, and the base model's replay answers.
+    assert default["samples"] > 2 * 12 and table["finished_model_speedup"] > 0
     for row in table["results"]:
         assert row["samples_per_second"] > 0 and row["peak_memory_mb"] > 0 and row["final_train_loss"] > 0
     # The original pads every sample to 128 tokens; ours trains on the real tokens only.
