@@ -44,7 +44,6 @@ from urllib.parse import urlparse
 
 # =============================================================================
 # Defaults: what a run does when no flag says otherwise
-# Defaults
 DEFAULT_MODEL = "Qwen/Qwen2.5-3B-Instruct"  # used when a CUDA GPU is present
 CPU_MODEL = "smollm2"  # without one: training a 3B model on a CPU takes hours
 HERE = Path(__file__).resolve().parent
