@@ -1838,15 +1838,21 @@ def distilling_trainer(kl_weight):
     model's own answers (replay): it keeps the base model's whole distribution there, not only its greedy
     answer (self-distillation, as in Learning without Forgetting). The base model is the model itself with
     its adapter switched off, so it costs one more forward pass over those rows and no memory."""
+    import torch
     from transformers import Trainer
 
     class DistillingTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             from_base = inputs.pop("from_base", None)
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            weight = kl_weight
+            if from_base is None and processes() > 1:
+                # DeepSpeed ZeRO-3 gathers the weights for every forward pass on all processes at once, so each
+                # process asks the base model in every step, on its first row with no weight if it has none.
+                from_base, weight = torch.arange(len(inputs["input_ids"])) == 0, 0.0
             if from_base is not None:
                 divergence = base_divergence(self.accelerator.unwrap_model(model), inputs, outputs.logits, from_base)
-                loss = loss + kl_weight * divergence
+                loss = loss + weight * divergence
             return (loss, outputs) if return_outputs else loss
 
     return DistillingTrainer

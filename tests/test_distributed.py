@@ -120,3 +120,23 @@ def test_each_accelerate_config_trains_two_cpu_processes_to_an_adapter_that_answ
     assert answers == expected
     note = "Note: FSDP shards models across GPUs only: these CPU processes train data-parallel (DDP) instead"
     assert (note in stdout) == (config == "fsdp")
+
+
+def test_deepspeed_zero3_distils_when_only_some_processes_hold_the_base_models_answers(
+    tiny_model_dir, tmp_path, write_jsonl
+):
+    """ZeRO-3 gathers the weights in every forward pass on all processes together: the base model's extra forward
+    pass for --kl-weight must run on every process, also on one whose batch holds none of its answers."""
+    pytest.importorskip("deepspeed")
+    data = write_jsonl([{"prompt": f"Q{i}?", "completion": f"A{i}."} for i in range(120)])
+    launcher = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "deepspeed-zero3.yaml")]
+    launcher += ["--num_processes", "2", "--main_process_port", str(free_port())]
+    command = [sys.executable, *launcher, str(ROOT / "fine_tune.py"), "--model", tiny_model_dir, "--data", data]
+    command += ["--output", tmp_path / "out", "--eval-questions", "none", "--skip-original", "--epochs", "1"]
+    command += ["--kl-weight", "1", "--no-statements", "--bare-share", "0", "--max-new-tokens", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)  # a hang fails here
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    replayed = int(completed.stdout.split("Replay: the base model answered ")[1].split()[0])
+    assert 0 < replayed < 8, "a few of the base model's answers among 120 pairs: most batches hold none"
+    fine_tune.load_finetuned_model(tmp_path / "out")
