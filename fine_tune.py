@@ -487,10 +487,11 @@ def train_model(
     args = training_arguments(
         model, output_dir, epochs, learning_rate, batch_size, seed, gradient_checkpointing, save_steps, precision
     )
-    args.remove_unused_columns = not kl_weight  # distillation needs the from_base column
+    distilling = kl_weight and "from_base" in dataset.column_names and not packing  # packed rows are not apart
+    args.remove_unused_columns = not distilling  # distillation needs the from_base column
     args.neftune_noise_alpha = neftune_alpha
     guard = run_guard(seed, fingerprint)
-    trainer = (distilling_trainer(kl_weight) if kl_weight else Trainer)(
+    trainer = (distilling_trainer(kl_weight) if distilling else Trainer)(
         model=model,
         args=args,
         train_dataset=dataset,
