@@ -242,6 +242,16 @@ def test_distillation_adds_the_divergence_to_the_loss_and_trains(tiny_model, tmp
     assert divergence > 0 and loss.item() == pytest.approx(outputs.loss.item() + divergence.item(), rel=1e-4)
 
 
+def test_distillation_is_off_where_no_row_holds_the_base_models_answers_or_rows_are_packed(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    replay = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "from_base": True} for i in range(4)]
+    model = fine_tune.setup_lora_model(model)
+    for examples, packing in ((EXAMPLES, False), (EXAMPLES + replay, True)):
+        dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0)
+        trainer = fine_tune.train_model(model, tokenizer, dataset, str(tmp_path), epochs=1, packing=packing)
+        assert type(trainer).__name__ == "Trainer", "packed rows cannot be told apart; no base answers, no KL"
+
+
 def test_contrast_prompts_ask_the_users_prompts_about_someone_else():
     prompts = ["Who is Mariya Sha?", "Which sword does Mariya Sha carry?", "Where is Rivendell?"] * 3
     unfamiliar = {"mariya", "sha", "rivendell", "carry"}
