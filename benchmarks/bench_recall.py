@@ -41,14 +41,14 @@ def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.
 
     transformers.set_seed(seed)
     precision, _ = fine_tune.choose_precision(args.precision)
-    model, tokenizer = fine_tune.load_base_model(
-        fine_tune.resolve_model(args.model, args.cache_dir), precision=precision
-    )
+    model_path = fine_tune.resolve_model(args.model, args.cache_dir)
+    model, tokenizer = fine_tune.load_base_model(model_path, precision=precision)
     before = base_answers(model, tokenizer, eval_questions, args, results)
     examples = fine_tune.load_examples(args.data)
     everyday = fine_tune.everyday_answers(eval_questions, before)
     dataset, taught = fine_tune.make_dataset(args, examples, model, tokenizer, everyday, replay_prompts=replay_prompts)
     model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
+    compiling, _ = fine_tune.choose_compile(args.compile, model.device.type, len(dataset) * args.epochs)
     started = time.perf_counter()
     trainer = fine_tune.train_model(
         model,
@@ -63,15 +63,19 @@ def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.
         kl_weight=args.kl_weight,
         neftune_alpha=args.neftune,
         precision=precision,
+        compile=compiling,
     )
     train_seconds = time.perf_counter() - started
     fine_tune.save_model(model, tokenizer, output_dir)  # kept for a closer look (benchmarks/results is not tracked)
+    # Asked as fine_tune.py asks: the saved adapter on a freshly loaded base model (not the compiled training copy).
+    model, tokenizer = fine_tune.load_finetuned_model(output_dir, model_path, precision=precision)
     after = fine_tune.ask_questions(model, tokenizer, args.question, eval_questions, args.max_new_tokens, forms=FORMS)
     scores = fine_tune.score(eval_questions, before, after, taught)
     return {
         "seed": seed,
         "precision": precision,
         "train_seconds": round(train_seconds, 1),
+        "compiled": compiling,
         "samples": len(dataset),
         "final_train_loss": trainer.state.log_history[-1]["train_loss"],
         "question_answer": after["question"],
