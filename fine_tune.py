@@ -311,6 +311,8 @@ def check_disk_space(args, base_model):
     """Refuse at once, not after minutes of training, a run whose outputs clearly cannot fit on the disk of
     --output: the adapter (and a checkpoint), the merged model, the GGUF file, each estimated from the base
     model's files (see model_weights) on the low side."""
+    if args.skip_training and not (args.merge or args.export_gguf):
+        return  # nothing to write
     weights = model_weights(base_model, args.lora_r, args.target_modules)
     needs = {}
     if not args.skip_training:
@@ -589,8 +591,8 @@ def save_model(model, tokenizer, output_dir, trainer=None):
 
 
 def move_adapter(partial, target):
-    """The saved adapter's files into its folder (target's), adapter_config.json last: while they move, no mix
-    of old and new files loads as an adapter. The other processes leave it to the main one."""
+    """Move the saved adapter's files into the folder of `target`, adapter_config.json last: while they move, no
+    mix of old and new files loads as an adapter. The other processes leave it to the main one."""
     if not is_main_process():
         return
     files = sorted(partial.iterdir(), key=lambda file: file.name == "adapter_config.json")
@@ -2099,7 +2101,7 @@ def export_model(args, base_model):
     import tempfile
 
     merged_dir, written = Path(args.output) / "merged", {}
-    with tempfile.TemporaryDirectory(dir=args.output, prefix=".merge-", suffix=TEMPORARY) as scratch:
+    with tempfile.TemporaryDirectory(dir=args.output, prefix=".merge-") as scratch:
         # The GGUF is made from a merged model: the one asked for, or a temporary one.
         target = merged_dir if args.merge else Path(scratch) / "merged"
         merged = merge_adapter(args.output, base_model, target, args.trust_remote_code, args.allow_pickle)
@@ -2659,7 +2661,7 @@ def write_report(report, output_dir):
 
 
 TEMPORARY = ".partial"  # what is being written is called .NAME.partial, next to NAME, until it is complete
-# What a run killed while writing leaves in --output: those, and --export-gguf's scratch folder for its merge.
+# What a run killed while writing leaves in --output: those, and the scratch folder of --export-gguf's merge.
 LEFTOVERS = ("*" + TEMPORARY, ".merge-*")
 # How the Rust libraries (safetensors, tokenizers) say that the disk is full, in errors of their own types: the
 # operating system's message and code (28 is ENOSPC; 112 is Windows' ERROR_DISK_FULL).
@@ -2716,7 +2718,7 @@ def disk_full(err, folder):
     disk says only "unexpected pos"."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    if not isinstance(err, Exception):  # Ctrl-C
+    if isinstance(err, (UsageError, RunFailed)) or not isinstance(err, Exception):  # said already; Ctrl-C
         return False
     return any(text in str(err) for text in DISK_FULL_TEXTS) or free_space(folder) < NEARLY_FULL
 
@@ -2789,7 +2791,7 @@ def model_weights(base_model, lora_r=LORA_R, target_modules=TARGET_MODULES):
         with safe_open(file, framework="pt") as weights:
             shapes.update((name, weights.get_slice(name).get_shape()) for name in weights.keys())
     config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if shapes else {}
-    dtype = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
     count = sum(math.prod(shape) for shape in shapes.values())
     # LoRA adds r x (inputs + outputs) weights, in float32, to each linear layer of the decoder layers it targets.
     targets = None if target_modules == "all-linear" else target_modules.split(",")
@@ -2801,7 +2803,7 @@ def model_weights(base_model, lora_r=LORA_R, target_modules=TARGET_MODULES):
     ]  # fmt: skip
     return {
         "count": count,
-        "merged": count * getattr(torch, dtype).itemsize if isinstance(dtype, str) else stored,
+        "merged": count * dtype.itemsize if isinstance(dtype, torch.dtype) else stored,
         "lora": 4 * lora_r * sum(rows + columns for rows, columns in linear),
     }
 

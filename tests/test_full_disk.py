@@ -226,8 +226,8 @@ def test_a_run_removes_what_a_run_killed_while_saving_left_in_its_output(tiny_mo
     (output / ".adapter.partial").mkdir(parents=True)
     (output / ".adapter.partial" / "adapter_model.safetensors").write_bytes(b"half a file")
     (output / ".loss.png.partial").write_bytes(b"half a file")
-    (output / ".merge-k2j4h1x0").mkdir()  # --export-gguf's scratch folder, as version 7420ab0 left it
-    (output / "report.json.partial").write_text("{")  # as 7420ab0 named it
+    (output / ".merge-k2j4h1x0").mkdir()  # the scratch folder of --export-gguf's merge
+    (output / "report.json.partial").write_text("{")  # as version 7420ab0 named it
     assert fine_tune.main(tiny_args(tiny_model_dir, subset, output, tmp_path)) == 0, "not refused: it holds leftovers"
     assert leftovers(output) == []
     assert (output / "adapter_config.json").is_file()
