@@ -310,18 +310,18 @@ def check_before_exports(args, base_model):
 def check_disk_space(args, base_model):
     """Refuse at once, not after minutes of training, a run whose outputs clearly cannot fit on the disk of
     --output: the adapter (and a checkpoint), the merged model, the GGUF file, each estimated from the base
-    model's files (see model_weights) on the low side."""
+    model's files (see output_sizes) on the low side."""
     if args.skip_training and not (args.merge or args.export_gguf):
         return  # nothing to write
-    weights = model_weights(base_model, args.lora_r, args.target_modules)
+    sizes = output_sizes(base_model, args.lora_r, args.target_modules)
     needs = {}
     if not args.skip_training:
         what = "the adapter and a checkpoint" if args.save_steps else "the adapter"
-        needs[what] = weights["lora"] * (1 + CHECKPOINT_COPIES * bool(args.save_steps))
+        needs[what] = sizes["adapter"] + sizes["checkpoint"] * bool(args.save_steps)
     if args.merge or args.export_gguf:  # --export-gguf merges first, into a temporary folder
-        needs["the merged model"] = weights["merged"]
+        needs["the merged model"] = sizes["merged"]
     if args.export_gguf:
-        needs[f"the {args.export_gguf} GGUF file"] = weights["count"] * GGUF_BYTES_PER_WEIGHT[args.export_gguf]
+        needs[f"the {args.export_gguf} GGUF file"] = sizes["weights"] * GGUF_BYTES_PER_WEIGHT[args.export_gguf]
     free = free_space(args.output)
     if sum(needs.values()) > free:
         parts = ", ".join(f"{what} {size_text(size)}" for what, size in needs.items())
@@ -2777,11 +2777,11 @@ def parameter_bytes(model, trainable=False):
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def model_weights(base_model, lora_r=LORA_R, target_modules=TARGET_MODULES):
-    """What a model's files say about the space its outputs need, read from the headers of its safetensors
-    files (nothing is loaded): {"count": weights, "merged": bytes of the merged model as merge_adapter saves it
-    (in the dtype of config.json), "lora": bytes of the LoRA adapter}. All 0 for files that are not here (a hub
-    model not downloaded yet, pickle weights)."""
+def output_sizes(base_model, lora_r=LORA_R, target_modules=TARGET_MODULES):
+    """The bytes that a run's outputs on base_model take at least, from its tokenizer files and the headers of its
+    safetensors files (nothing is loaded): {"adapter", "checkpoint", "merged" (in the dtype of its config.json, as
+    merge_adapter saves it), "weights": how many weights it has}. All 0 when its safetensors files are not here (a
+    hub model not downloaded yet, pickle weights)."""
     import torch
     from safetensors import safe_open
 
@@ -2790,9 +2790,12 @@ def model_weights(base_model, lora_r=LORA_R, target_modules=TARGET_MODULES):
         stored += file.stat().st_size
         with safe_open(file, framework="pt") as weights:
             shapes.update((name, weights.get_slice(name).get_shape()) for name in weights.keys())
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if shapes else {}
+    if not shapes:
+        return dict.fromkeys(("adapter", "checkpoint", "merged", "weights"), 0)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
     count = sum(math.prod(shape) for shape in shapes.values())
+    tokenizer = sum(file.stat().st_size for file in folder.glob("tokenizer*"))  # saved with each of them
     # LoRA adds r x (inputs + outputs) weights, in float32, to each linear layer of the decoder layers it targets.
     targets = None if target_modules == "all-linear" else target_modules.split(",")
     linear = [
@@ -2801,10 +2804,12 @@ def model_weights(base_model, lora_r=LORA_R, target_modules=TARGET_MODULES):
         if ".layers." in name and name.endswith(".weight") and len(shape) == 2
         and (targets is None or name.split(".")[-2] in targets)
     ]  # fmt: skip
+    lora = 4 * lora_r * sum(rows + columns for rows, columns in linear)
     return {
-        "count": count,
-        "merged": count * dtype.itemsize if isinstance(dtype, torch.dtype) else stored,
-        "lora": 4 * lora_r * sum(rows + columns for rows, columns in linear),
+        "adapter": lora + tokenizer,
+        "checkpoint": CHECKPOINT_COPIES * lora + tokenizer,
+        "merged": (count * dtype.itemsize if isinstance(dtype, torch.dtype) else stored) + tokenizer,
+        "weights": count,
     }
 
 

@@ -2,6 +2,7 @@
 nothing half-written, what was there before still loads; a run whose outputs cannot fit is refused before the
 work; what a killed run left is removed by the next run in the same folder."""
 
+import errno
 import pkgutil
 import re
 import subprocess
@@ -46,7 +47,7 @@ def tiny_args(model_dir, data, output, cache, *extra):
 # errors of their own types, torch.save a RuntimeError that does not say it.
 WRITERS = {
     "safetensors": lambda folder: save_file({"weight": torch.zeros(1 << 16)}, folder / "model.safetensors"),
-    "tokenizers": lambda folder: make_tokenizer().save_pretrained(folder),
+    "tokenizers": lambda folder: make_tokenizer().backend_tokenizer.save(str(folder / "tokenizer.json")),
     "torch.save": lambda folder: torch.save({"weight": torch.zeros(1 << 16)}, folder / "optimizer.pt"),
     "open": lambda folder: (folder / "report.json").write_text("{}" * (1 << 16)),
 }
@@ -60,7 +61,8 @@ def test_each_library_s_error_on_a_full_disk_is_recognised(library, small_disk):
     assert fine_tune.disk_full(raised.value, small_disk)
 
 
-def test_other_errors_and_ctrl_c_are_not_taken_for_a_full_disk(small_disk):
+def test_a_full_quota_counts_as_a_full_disk_but_not_other_errors_nor_ctrl_c(small_disk):
+    assert fine_tune.disk_full(OSError(errno.EDQUOT, "Kontingent überschritten"), small_disk), "by its code"
     assert not fine_tune.disk_full(RuntimeError("unexpected pos 576 vs 534"), small_disk), "the disk has room"
     fill(small_disk)
     assert not fine_tune.disk_full(KeyboardInterrupt(), small_disk)
@@ -177,10 +179,10 @@ def test_a_disk_that_fills_during_a_run_ends_it_with_one_line_and_keeps_the_adap
 @pytest.mark.parametrize(
     "flags, needs",
     [
-        ((), "the adapter 33 kB"),
-        (("--save-steps", "5"), "the adapter and a checkpoint 131 kB"),
-        (("--skip-training", "--merge"), "the merged model 152 kB"),
-        (("--skip-training", "--export-gguf", "f32"), "the merged model 152 kB, the f32 GGUF file 152 kB"),
+        ((), f"the adapter {SIZE}"),
+        (("--save-steps", "5"), f"the adapter and a checkpoint {SIZE}"),
+        (("--skip-training", "--merge"), f"the merged model {SIZE}"),
+        (("--skip-training", "--export-gguf", "f32"), f"the merged model {SIZE}, the f32 GGUF file {SIZE}"),
     ],
     ids=["training", "checkpoints", "merge", "export-gguf"],
 )
@@ -191,6 +193,7 @@ def test_a_run_whose_outputs_cannot_fit_is_refused_before_the_work(
     make_adapter(tiny_model_dir, output)
     before = contents(output)
     fill(small_disk)
+    capsys.readouterr()  # make_adapter's loading bars
     code = fine_tune.main(tiny_args(tiny_model_dir, subset, output, tmp_path, *flags))
     out, err = capsys.readouterr()
     assert code == 2
@@ -207,15 +210,13 @@ def test_the_space_estimates_are_at_most_what_is_written(tiny_model_dir, tiny_ll
     for model_dir in (tiny_model_dir, tiny_llama_dir):  # tied and untied output layers
         output = tmp_path / Path(model_dir).name
         make_adapter(model_dir, output)
+        written = {"adapter": fine_tune.path_size(output)}
         merged = fine_tune.merge_adapter(output, model_dir, output / "merged")
-        estimate = fine_tune.model_weights(model_dir)
-        written = {
-            "lora": (output / "adapter_model.safetensors").stat().st_size,
-            "merged": (merged / "model.safetensors").stat().st_size,
-        }
+        written["merged"] = fine_tune.path_size(merged)
+        estimate = fine_tune.output_sizes(model_dir)
         for qtype in fine_tune.GGUF_TYPES:
             written[qtype] = Path(fine_tune.export_gguf(merged, output / f"{qtype}.gguf", qtype)).stat().st_size
-            estimate[qtype] = estimate["count"] * fine_tune.GGUF_BYTES_PER_WEIGHT[qtype]
+            estimate[qtype] = estimate["weights"] * fine_tune.GGUF_BYTES_PER_WEIGHT[qtype]
         # Low, so that only what clearly cannot fit is refused; but close (metadata is a larger share in a tiny model)
         for name, size in written.items():
             assert 0.6 * size <= estimate[name] <= size, (model_dir, name, estimate[name], size)
