@@ -554,9 +554,10 @@ def train_model(
         # Trainer writes a checkpoint in place, run_guard its fingerprint last: without it, or with a file cut
         # short, the checkpoint is half-written.
         checkpoint = Path(output_dir) / f"checkpoint-{trainer.state.global_step}"
+        needs, written = CHECKPOINT_COPIES * parameter_bytes(model, trainable=True), path_size(checkpoint)
         if not (checkpoint / RUN_FINGERPRINT).is_file() or checkpoint_damage(checkpoint):
             shutil.rmtree(checkpoint, ignore_errors=True)
-        raise disk_full_error(checkpoint.name, output_dir, CHECKPOINT_COPIES * parameter_bytes(model, True)) from None
+        raise disk_full_error(checkpoint.name, output_dir, needs, written) from None
     finally:
         signal.signal(signal.SIGINT, previous)
         model.set_attn_implementation(attention)  # generation is faster with SDPA
@@ -2688,7 +2689,7 @@ def written_whole(target, what, needs=0, flag="--output", place=None):
         full, written = disk_full(err, target.parent), path_size(partial)
         remove_path(partial)
         if full:
-            raise disk_full_error(what, target.parent, max(needs, written), flag) from None
+            raise disk_full_error(what, target.parent, needs, written, flag) from None
         raise
 
 
@@ -2723,12 +2724,14 @@ def disk_full(err, folder):
     return any(text in str(err) for text in DISK_FULL_TEXTS) or free_space(folder) < NEARLY_FULL
 
 
-def disk_full_error(what, folder, needs, flag="--output"):
-    """The one line a full disk ends the run with: what could not be written where, the space it needs and the
-    space free there (once what it had written is removed)."""
+def disk_full_error(what, folder, needs, written, flag="--output"):
+    """The one line a full disk ends the run with: what could not be written where, the space it needs (the bytes
+    estimated, or more than were `written` before the disk was full) and the space free there (once what it had
+    written is removed)."""
+    needed = size_text(needs) if needs > written else f"more than {size_text(written)}"
     return RunFailed(
-        f"could not write {what} in {folder}: the disk is full ({size_text(needs)} needed, "
-        f"{size_text(free_space(folder))} free); nothing there was changed. Free some space or choose another {flag}"
+        f"could not write {what} in {folder}: the disk is full ({needed} needed, {size_text(free_space(folder))} "
+        f"free); nothing half-written is left, an earlier one is unchanged. Free some space or choose another {flag}"
     )
 
 

@@ -32,8 +32,9 @@ SIZE = r"\d+(\.\d)? (bytes|kB|MB|GB)"  # as size_text writes it
 
 def disk_full_line(what, folder, flag="--output"):
     return (
-        rf"could not write {re.escape(what)} in {re.escape(str(folder))}: the disk is full \((?P<needs>{SIZE}) needed, "
-        rf"0 bytes free\); nothing there was changed\. Free some space or choose another {flag}"
+        rf"could not write {re.escape(what)} in {re.escape(str(folder))}: the disk is full \((more than )?(?P<needs>"
+        rf"{SIZE}) needed, 0 bytes free\); nothing half-written is left, an earlier one is unchanged\. Free some "
+        rf"space or choose another {flag}"
     )
 
 
