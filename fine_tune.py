@@ -322,7 +322,7 @@ def check_disk_space(args, base_model):
         needs["the merged model"] = sizes["merged"]
     if args.export_gguf:
         needs[f"the {args.export_gguf} GGUF file"] = sizes["weights"] * GGUF_BYTES_PER_WEIGHT[args.export_gguf]
-    free = free_space(args.output)
+    free = free_space(args.output) + sum(path_size(path) for path in leftovers(args.output))  # removed first
     if sum(needs.values()) > free:
         parts = ", ".join(f"{what} {size_text(size)}" for what, size in needs.items())
         raise UsageError(
@@ -2762,12 +2762,16 @@ def remove_path(path):
         path.unlink(missing_ok=True)
 
 
+def leftovers(folder):
+    """What runs killed while writing in `folder` left there (LEFTOVERS)."""
+    folder = Path(folder)
+    return [path for path in folder.iterdir() if is_leftover(path)] if folder.is_dir() else []
+
+
 def remove_leftovers(folder):
-    """Remove what runs killed while writing in `folder` left there (LEFTOVERS). Only while holding the folder's
-    lock (output_lock): no other run is writing there then."""
-    for path in Path(folder).iterdir():
-        if is_leftover(path):
-            remove_path(path)
+    """Only while holding the folder's lock (output_lock): no other run is writing there then."""
+    for path in leftovers(folder):
+        remove_path(path)
 
 
 def is_leftover(path):

@@ -24,7 +24,7 @@ def contents(folder):
 
 
 def leftovers(folder):
-    return sorted(path.name for path in Path(folder).iterdir() if fine_tune.is_leftover(path))
+    return sorted(path.name for path in fine_tune.leftovers(folder))
 
 
 SIZE = r"\d+(\.\d)? (bytes|kB|MB|GB)"  # as size_text writes it
@@ -233,6 +233,15 @@ def test_a_run_removes_what_a_run_killed_while_saving_left_in_its_output(tiny_mo
     assert fine_tune.main(tiny_args(tiny_model_dir, subset, output, tmp_path)) == 0, "not refused: it holds leftovers"
     assert leftovers(output) == []
     assert (output / "adapter_config.json").is_file()
+
+
+def test_the_space_a_killed_run_s_leftovers_hold_counts_as_free(tiny_model_dir, subset, small_disk, tmp_path):
+    output = small_disk / "out"
+    make_adapter(tiny_model_dir, output)
+    (output / ".merged.partial").mkdir()
+    fill(output / ".merged.partial")  # a killed merge's half model takes all the space left
+    assert fine_tune.main(tiny_args(tiny_model_dir, subset, output, tmp_path, "--skip-training", "--merge")) == 0
+    assert leftovers(output) == [] and (output / "merged" / "config.json").is_file()
 
 
 # A run of --merge --export-gguf that stops once the merged model is written, before it is renamed into place.
