@@ -22,6 +22,7 @@ How this file reads, top to bottom:
   The adapter       loading it, chat, merge
   GGUF              export for llama.cpp, Ollama and LM Studio
   Reporting         the scorecard table, the verdict, report.json and loss.png
+  Writing           every file whole or not at all; a full disk in one line, or refused before the work
   Command line      the flags as one table, the checks on --output
   Several processes torchrun and accelerate launch: the main process speaks for all
 Heavy libraries (torch, transformers) are imported inside the functions, so `--help` answers at once.
@@ -29,8 +30,11 @@ Heavy libraries (torch, transformers) are imported inside the functions, so `--h
 
 import argparse
 import contextlib
+import errno
 import hashlib
+import io
 import json
+import math
 import os
 import shlex
 import shutil
@@ -154,6 +158,7 @@ def run(args, held):
     if not args.skip_training:
         resume_from, fingerprint = check_before_training(args, base_model, inputs["source"])
     check_before_exports(args, base_model)
+    check_disk_space(args, base_model)
     if not args.skip_training or args.merge or args.export_gguf:  # this run writes in --output: it alone may
         from_main_process(lambda: held.enter_context(output_lock(args.output)))
 
@@ -312,6 +317,30 @@ def check_before_exports(args, base_model):
         check_merge_target(Path(args.output) / "merged", base_model)
     if args.export_gguf:
         check_gguf_architecture(base_model, args.trust_remote_code)
+
+
+def check_disk_space(args, base_model):
+    """Refuse at once, not after minutes of training, a run whose outputs clearly cannot fit on the disk of
+    --output: the adapter (and a checkpoint), the merged model, the GGUF file, each estimated from the base
+    model's files (see output_sizes) on the low side."""
+    if args.skip_training and not (args.merge or args.export_gguf):
+        return  # nothing to write
+    sizes = output_sizes(base_model, args.lora_r, args.target_modules)
+    needs = {}
+    if not args.skip_training:
+        what = "the adapter and a checkpoint" if args.save_steps else "the adapter"
+        needs[what] = sizes["adapter"] + sizes["checkpoint"] * bool(args.save_steps)
+    if args.merge or args.export_gguf:  # --export-gguf merges first, into a temporary folder
+        needs["the merged model"] = sizes["merged"]
+    if args.export_gguf:
+        needs[f"the {args.export_gguf} GGUF file"] = sizes["weights"] * GGUF_BYTES_PER_WEIGHT[args.export_gguf]
+    free = free_space(args.output) + sum(path_size(path) for path in leftovers(args.output))  # removed first
+    if sum(needs.values()) > free:
+        parts = ", ".join(f"{what} {size_text(size)}" for what, size in needs.items())
+        raise UsageError(
+            f"--output {args.output}: its disk has {size_text(free)} free, and this run writes about "
+            f"{size_text(sum(needs.values()))} ({parts}); free some space or choose another --output"
+        )
 
 
 @contextlib.contextmanager
@@ -536,6 +565,16 @@ def train_model(
         print(f"Compile: failed ({failure}), so training runs uncompiled")
     try:
         trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as err:
+        if not disk_full(err, output_dir):
+            raise
+        # Trainer writes a checkpoint in place, run_guard its fingerprint last: without it, or with a file cut
+        # short, the checkpoint is half-written.
+        checkpoint = Path(output_dir) / f"checkpoint-{trainer.state.global_step}"
+        needs, written = CHECKPOINT_COPIES * parameter_bytes(model, trainable=True), path_size(checkpoint)
+        if not (checkpoint / RUN_FINGERPRINT).is_file() or checkpoint_damage(checkpoint):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        raise disk_full_error(checkpoint.name, output_dir, needs, written) from None
     finally:
         signal.signal(signal.SIGINT, previous)
         model.set_attn_implementation(attention)  # generation is faster with SDPA
@@ -552,34 +591,33 @@ def train_model(
 def save_model(model, tokenizer, output_dir, trainer=None):
     """Step 5: save the adapter (safetensors) and tokenizer, in the layout peft loads.
 
-    Written to a temporary folder first and moved into place, adapter_config.json last, so a failed save
-    (a full disk) leaves the previous adapter as it was, and a half-written one never loads. With a
-    trainer, its save is used: under DeepSpeed or FSDP it gathers the weights from every process.
+    Written to a temporary folder first and moved into place, adapter_config.json last (see written_whole), so
+    a failed save (a full disk) leaves the previous adapter as it was, and a half-written one never loads. With
+    a trainer, its save is used: under DeepSpeed or FSDP it gathers the weights from every process.
     """
-    output_dir = Path(output_dir)
-    partial = output_dir / ".adapter.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    output_dir, needs = Path(output_dir), parameter_bytes(model, trainable=True)
+    with written_whole(output_dir / "adapter", "the adapter", needs, place=move_adapter) as partial:
         if trainer and processes() > 1:
             trainer.save_model(str(partial))
             (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle, and not part of the adapter
         else:
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
-    except OSError as err:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise RunFailed(
-            f"could not save the adapter to {output_dir} ({err.strerror or err}); the previous one is unchanged"
-        ) from None
+        size = path_size(partial)
+    if is_main_process():
+        print(f"[5/6] Saved the LoRA adapter to {output_dir} ({size / 1e6:.1f} MB)")
+
+
+def move_adapter(partial, target):
+    """Move the saved adapter's files into the folder of `target`, adapter_config.json last: while they move, no
+    mix of old and new files loads as an adapter. The other processes leave it to the main one."""
     if not is_main_process():
         return
     files = sorted(partial.iterdir(), key=lambda file: file.name == "adapter_config.json")
-    size = sum(file.stat().st_size for file in files)
-    (output_dir / "adapter_config.json").unlink(missing_ok=True)  # no loadable mix of old and new while moving
+    (target.parent / "adapter_config.json").unlink(missing_ok=True)
     for file in files:
-        file.replace(output_dir / file.name)
+        file.replace(target.parent / file.name)
     partial.rmdir()
-    print(f"[5/6] Saved the LoRA adapter to {output_dir} ({size / 1e6:.1f} MB)")
 
 
 def test_finetuned_model(
@@ -1093,6 +1131,8 @@ def resolve_model(name, cache_dir=DEFAULT_CACHE_DIR):
             raise UsageError(f"--model {name}: no such GGUF file")
         try:
             return dequantize_gguf(path, Path(cache_dir))
+        except RunFailed:  # a full disk under --cache-dir
+            raise
         except Exception as err:  # a damaged file raises ValueError, struct.error, KeyError... from gguf's reader
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UsageError(
@@ -1132,12 +1172,13 @@ def dequantize_gguf(gguf_path, cache_dir):
     # Another run may be converting the same file: one writes the folder, the other then finds it.
     with FileLock(folder.with_name(folder.name + ".lock")):
         if not (folder / "config.json").is_file():
-            # Written to a temporary folder and renamed, so an interrupted conversion is never reused.
-            partial = folder.with_name(folder.name + ".partial")
-            model.save_pretrained(partial)
-            tokenizer.save_pretrained(partial)
-            (partial / GGUF_SOURCE_MARK).write_text(str(gguf_path.resolve()))  # its tokenizer metadata serves exports
-            partial.replace(folder)
+            # Whole or not at all (a killed conversion's leftover goes too), so a cut-short one is never reused.
+            needs = parameter_bytes(model)
+            with written_whole(folder, "the converted model", needs, flag="--cache-dir") as partial:
+                model.save_pretrained(partial)
+                tokenizer.save_pretrained(partial)
+                # The GGUF file it came from, whose tokenizer metadata exports reuse
+                (partial / GGUF_SOURCE_MARK).write_text(str(gguf_path.resolve()))
     return str(folder)
 
 
@@ -1182,6 +1223,18 @@ def adapter_base_model(adapter_dir):
     from peft import PeftConfig
 
     return PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+
+
+def model_folder(base_model):
+    """The folder with base_model's files: itself, or for a hub id its downloaded snapshot, whose path names the
+    revision (a folder that is not there when it has not been downloaded)."""
+    folder = Path(base_model)
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(str(base_model), "config.json")
+        folder = Path(config).parent if isinstance(config, str) else folder
+    return folder
 
 
 # --precision: what the model computes in (training, replay, questions, chat); auto picks the fastest that the
@@ -1461,12 +1514,7 @@ def answers_folder(cache_dir, base_model, precision):
     import torch
     import transformers
 
-    folder = Path(base_model)
-    if not folder.is_dir():  # a hub id: its downloaded snapshot, whose path names the revision
-        from huggingface_hub import try_to_load_from_cache
-
-        config = try_to_load_from_cache(str(base_model), "config.json")
-        folder = Path(config).parent if isinstance(config, str) else folder
+    folder = model_folder(base_model)
     files = [(file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in sorted(folder.glob("*"))]
     versions = [torch.__version__, transformers.__version__, torch.get_num_threads(), pick_device()]
     return Path(cache_dir) / "answers" / hash_of([str(folder.resolve()), files, precision, *versions])
@@ -1480,10 +1528,7 @@ def remembered(folder, question, ask):
         return json.loads(path.read_text(encoding="utf-8")), True
     answers = ask()
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(answers, ensure_ascii=False), encoding="utf-8")
-        partial.replace(path)  # whole or not at all, also when two runs write it at once
+        write_whole(path, json.dumps(answers, ensure_ascii=False), "the base model's answers", flag="--cache-dir")
     return answers, False
 
 
@@ -2035,6 +2080,7 @@ def accepts_logits_to_keep(model):
 
 
 RUN_FINGERPRINT = "fine_tune_run.json"  # in a checkpoint: the data and settings it was trained with
+CHECKPOINT_COPIES = 3  # a checkpoint holds the LoRA weights and the optimizer's two running averages of each
 
 
 # Settings that --resume must find unchanged (with the data's content and the base model).
@@ -2173,7 +2219,7 @@ def export_model(args, base_model):
         target = merged_dir if args.merge else Path(scratch) / "merged"
         merged = merge_adapter(args.output, base_model, target, args.trust_remote_code, args.allow_pickle)
         if args.merge:
-            written[str(merged_dir)] = folder_size(merged_dir)
+            written[str(merged_dir)] = path_size(merged_dir)
             print(f"Merged the adapter into {base_model}: {merged_dir} ({written[str(merged_dir)] / 1e6:.0f} MB)")
         if args.export_gguf:
             name = f"{Path(args.output).resolve().name}-{args.export_gguf}.gguf"
@@ -2209,7 +2255,7 @@ def merge_adapter(adapter_dir, base_model, merged_dir, trust_remote_code=False, 
     """Fold the LoRA weights into the base model and save a plain transformers model (no peft needed).
 
     Saved as safetensors in the base model's own dtype, with tokenizer, chat template and generation
-    config; written next to the target and renamed into place, so a failed merge leaves no half model.
+    config; written whole or not at all (see written_whole), so a failed merge leaves no half model.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -2220,30 +2266,14 @@ def merge_adapter(adapter_dir, base_model, merged_dir, trust_remote_code=False, 
         base_model, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
     )
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    partial = merged_dir.with_name(merged_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(partial)
-    source = Path(base_model) / GGUF_SOURCE_MARK
-    if source.is_file():  # the GGUF this base came from, whose tokenizer metadata the export reuses
-        shutil.copy(source, partial / GGUF_SOURCE_MARK)
-    (partial / MERGE_MARK).write_text(json.dumps({"base_model": str(base_model), "adapter": str(adapter_dir)}))
-    replace_folder(partial, merged_dir)
+    with written_whole(merged_dir, "the merged model", parameter_bytes(model)) as partial:
+        model.save_pretrained(partial)
+        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(partial)
+        source = Path(base_model) / GGUF_SOURCE_MARK
+        if source.is_file():  # the GGUF this base came from, whose tokenizer metadata the export reuses
+            shutil.copy(source, partial / GGUF_SOURCE_MARK)
+        (partial / MERGE_MARK).write_text(json.dumps({"base_model": str(base_model), "adapter": str(adapter_dir)}))
     return merged_dir
-
-
-def replace_folder(new, target):
-    """Move the finished folder `new` to `target`, replacing what was there only once `new` is complete."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def folder_size(folder):
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS, system_prompt=None):
@@ -2310,6 +2340,8 @@ GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"} 
 
 # --export-gguf types, with llama.cpp's file type of each: 8-bit (about a quarter of f32's size), half, full.
 GGUF_TYPES = {"q8_0": "MOSTLY_Q8_0", "f16": "MOSTLY_F16", "f32": "ALL_F32"}
+# And the bytes each weight takes: q8_0 stores a block of 32 weights as 32 bytes and a 2-byte scale.
+GGUF_BYTES_PER_WEIGHT = {"q8_0": 34 / 32, "f16": 2, "f32": 4}
 
 
 def check_gguf_architecture(model, trust_remote_code=False):
@@ -2354,8 +2386,7 @@ def export_gguf(model_dir, path, qtype="q8_0", source_gguf=None):
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     tensor_type = gguf.GGMLQuantizationType[qtype.upper()]
 
-    partial = path.with_name(path.name + ".partial")  # never leave a half-written .gguf behind
-    writer = gguf.GGUFWriter(partial, arch_name)
+    writer = gguf.GGUFWriter(None, arch_name)  # the file is opened when the header is written
     writer.add_name(model_dir.name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -2398,20 +2429,20 @@ def export_gguf(model_dir, path, qtype="q8_0", source_gguf=None):
                 ttype = ttype or gguf.GGMLQuantizationType.F32
                 nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, ttype)))
                 writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=ttype)
-                plan.append((file, name, ttype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for file, name, ttype in plan:
-        with safe_open(file, framework="pt") as weights:
-            data = weights.get_tensor(name).float().numpy()
-        if arch_name == "llama" and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-            # llama.cpp keeps Llama's rotary halves interleaved per head (LlamaModel.permute in convert_hf_to_gguf.py)
-            heads, shape = (n_head if ".q_proj." in name else n_head_kv), data.shape
-            data = data.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-        writer.write_tensor_data(gguf.quants.quantize(data, ttype))
-    writer.close()
-    partial.replace(path)
+                plan.append((file, name, ttype, nbytes))
+    needs = sum(nbytes for *_, nbytes in plan)
+    with written_whole(path, "the GGUF file", needs) as partial, contextlib.closing(writer):
+        writer.write_header_to_file(partial)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for file, name, ttype, _ in plan:
+            with safe_open(file, framework="pt") as weights:
+                data = weights.get_tensor(name).float().numpy()
+            if arch_name == "llama" and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+                # llama.cpp keeps Llama's rotary halves interleaved per head (LlamaModel.permute, convert_hf_to_gguf.py)
+                heads, shape = (n_head if ".q_proj." in name else n_head_kv), data.shape
+                data = data.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+            writer.write_tensor_data(gguf.quants.quantize(data, ttype))
     return str(path)
 
 
@@ -2485,7 +2516,7 @@ def write_modelfile(gguf_path, model_dir, system_prompt=None):
     lines = [f"FROM ./{Path(gguf_path).name}", f'PARAMETER stop "{tokenizer.eos_token}"']
     if system_prompt:  # the system turn it was trained with
         lines.append(f'SYSTEM """{system_prompt}"""')
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_whole(path, "\n".join(lines) + "\n", "the Modelfile")
     return path
 
 
@@ -2687,8 +2718,10 @@ def plot_loss(log_history, path):
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
     plt.close(figure)
+    write_whole(path, image.getvalue(), "loss.png")
 
 
 def learning_warning(before, after, log_history):
@@ -2733,11 +2766,170 @@ def conclude(args, report):
 
 
 def write_report(report, output_dir):
-    """Write report.json whole or not at all: a temporary file renamed into place."""
-    path = Path(output_dir) / "report.json"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(path)
+    write_whole(Path(output_dir) / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+
+# =============================================================================
+# Writing: every file whole or not at all, a full disk said in one line, and the space a run needs checked first
+
+
+TEMPORARY = ".partial"  # what is being written is called .NAME.partial, next to NAME, until it is complete
+# What a run killed while writing leaves in --output: those, and the scratch folder of --export-gguf's merge.
+LEFTOVERS = ("*" + TEMPORARY, ".merge-*")
+# How the Rust libraries (safetensors, tokenizers) say that the disk is full, in errors of their own types: the
+# operating system's message and code (28 is ENOSPC; 112 is Windows' ERROR_DISK_FULL).
+DISK_FULL_TEXTS = ("No space left on device", "(os error 28)", "(os error 112)")
+NEARLY_FULL = 1 << 20  # bytes: a write that failed with less than this left on its disk ran out of space
+
+
+@contextlib.contextmanager
+def written_whole(target, what, needs=0, flag="--output", place=None):
+    """Write `target` (a file or a folder) whole or not at all: the block writes the temporary path it is given,
+    which then replaces target (replace_path, or place(temporary, target)).
+
+    On any failure the temporary is removed and target stays as it was; a full disk ends the run with one line
+    (see disk_full_error) that names `what`, the bytes it `needs` and `flag`, the option choosing where it goes.
+    """
+    target = Path(target)
+    partial = target.with_name(f".{target.name}{TEMPORARY}")
+    try:
+        remove_path(partial)  # left by a run killed while writing it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        yield partial
+        (place or replace_path)(partial, target)
+    except BaseException as err:
+        full, written = disk_full(err, target.parent), path_size(partial)
+        remove_path(partial)
+        if full:
+            raise disk_full_error(what, target.parent, needs, written, flag) from None
+        raise
+
+
+def write_whole(path, data, what=None, flag="--output"):
+    """Write `data` (text as UTF-8, or bytes) to the file at `path`, whole or not at all (see written_whole)."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    with written_whole(path, what or Path(path).name, len(data), flag) as partial:
+        partial.write_bytes(data)
+
+
+def replace_path(new, target):
+    """Put the finished `new` at `target`: a file replaces the old one in one step, a folder once it is complete
+    (no folder replaces another in one step: the old one is moved aside, then removed)."""
+    if new.is_dir() and target.exists():
+        old = target.with_name(f".{target.name}.old{TEMPORARY}")
+        remove_path(old)
+        target.rename(old)
+        new.rename(target)
+        remove_path(old)
+    else:
+        new.replace(target)
+
+
+def disk_full(err, folder):
+    """Whether err, raised while writing in `folder`, means that its disk is full: the operating system's error,
+    the Rust libraries' text, or any failed write that left (almost) nothing free: torch.save's error on a full
+    disk says only "unexpected pos"."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(err, (UsageError, RunFailed)) or not isinstance(err, Exception):  # said already; Ctrl-C
+        return False
+    return any(text in str(err) for text in DISK_FULL_TEXTS) or free_space(folder) < NEARLY_FULL
+
+
+def disk_full_error(what, folder, needs, written, flag="--output"):
+    """The one line a full disk ends the run with: what could not be written where, the space it needs (the bytes
+    estimated, or more than were `written` before the disk was full) and the space free there (once what it had
+    written is removed)."""
+    needed = size_text(needs) if needs > written else f"more than {size_text(written)}"
+    return RunFailed(
+        f"could not write {what} in {folder}: the disk is full ({needed} needed, {size_text(free_space(folder))} "
+        f"free); nothing half-written is left, an earlier one is unchanged. Free some space or choose another {flag}"
+    )
+
+
+def free_space(path):
+    """Bytes free on the disk of `path`, or of the folder it would be made in."""
+    existing = next(folder for folder in (Path(path), *Path(path).parents) if folder.exists())
+    return shutil.disk_usage(existing).free
+
+
+def size_text(size):
+    """Bytes as people read them: 120 bytes, 33 kB, 9.8 MB, 6.2 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 1e3:.0f} kB" if size >= 1e3 else f"{size:.0f} bytes"
+
+
+def path_size(path):
+    """The bytes in a file, or in the files of a folder (0 when it is not there)."""
+    path = Path(path)
+    return sum(file.stat().st_size for file in (path, *path.rglob("*")) if file.is_file())
+
+
+def remove_path(path):
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def leftovers(folder):
+    """What runs killed while writing in `folder` left there (LEFTOVERS)."""
+    folder = Path(folder)
+    return [path for path in folder.iterdir() if is_leftover(path)] if folder.is_dir() else []
+
+
+def remove_leftovers(folder):
+    """Only while holding the folder's lock (output_lock): no other run is writing there then."""
+    for path in leftovers(folder):
+        remove_path(path)
+
+
+def is_leftover(path):
+    return any(path.match(pattern) for pattern in LEFTOVERS)
+
+
+def parameter_bytes(model, trainable=False):
+    """The bytes of a loaded model's weights (only the trainable ones: the LoRA weights), as save_pretrained
+    writes them."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def output_sizes(base_model, lora_r=LORA_R, target_modules=TARGET_MODULES):
+    """The bytes that a run's outputs on base_model take at least, from its tokenizer files and the headers of its
+    safetensors files (nothing is loaded): {"adapter", "checkpoint", "merged" (in the dtype of its config.json, as
+    merge_adapter saves it), "weights": how many weights it has}. All 0 when its safetensors files are not here (a
+    hub model not downloaded yet, pickle weights)."""
+    import torch
+    from safetensors import safe_open
+
+    folder, shapes, stored = model_folder(base_model), {}, 0
+    for file in sorted(folder.glob("*.safetensors")):
+        stored += file.stat().st_size
+        with safe_open(file, framework="pt") as weights:
+            shapes.update((name, weights.get_slice(name).get_shape()) for name in weights.keys())
+    if not shapes:
+        return dict.fromkeys(("adapter", "checkpoint", "merged", "weights"), 0)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
+    count = sum(math.prod(shape) for shape in shapes.values())
+    tokenizer = sum(file.stat().st_size for file in folder.glob("tokenizer*"))  # saved with each of them
+    # LoRA adds r x (inputs + outputs) weights, in float32, to each linear layer of the decoder layers it targets.
+    targets = None if target_modules == "all-linear" else target_modules.split(",")
+    linear = [
+        shape
+        for name, shape in shapes.items()
+        if ".layers." in name and name.endswith(".weight") and len(shape) == 2
+        and (targets is None or name.split(".")[-2] in targets)
+    ]  # fmt: skip
+    lora = 4 * lora_r * sum(rows + columns for rows, columns in linear)
+    return {
+        "adapter": lora + tokenizer,
+        "checkpoint": CHECKPOINT_COPIES * lora + tokenizer,
+        "merged": (count * dtype.itemsize if isinstance(dtype, torch.dtype) else stored) + tokenizer,
+        "weights": count,
+    }
 
 
 # =============================================================================
@@ -3007,7 +3199,8 @@ def check_output_dir(output_dir, resume=None, overwrite=False):
         raise UsageError(
             f"--output {output_dir}: cannot write in {existing} ({err.strerror}); choose another --output"
         ) from None
-    if not path.is_dir() or not [file for file in path.iterdir() if file.name not in (OUTPUT_LOCK, LOCK_HOLDER)]:
+    ours = (OUTPUT_LOCK, LOCK_HOLDER)  # and what a killed run left, which this one removes (remove_leftovers)
+    if not path.is_dir() or not [file for file in path.iterdir() if file.name not in ours and not is_leftover(file)]:
         return
     if list(path.glob("checkpoint-*")) and not (resume or overwrite):
         raise UsageError(
@@ -3069,7 +3262,8 @@ def output_lock(output_dir):
         ) from None
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
-        (folder / LOCK_HOLDER).write_text(json.dumps(holder), encoding="utf-8")
+        remove_leftovers(folder)
+        write_whole(folder / LOCK_HOLDER, json.dumps(holder), "which run holds it")
         yield
     finally:
         (folder / LOCK_HOLDER).unlink(missing_ok=True)

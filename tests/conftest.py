@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,27 @@ def write_jsonl(tmp_path):
         return str(path)
 
     return write
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 12 MB disk of its own, which fills up for real: a tmpfs, mounted as root (as CI runs the
+    tests). A user and mount namespace (unshare -rm) would hide it from this process, so without root: skipped."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", folder], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "--lazy", folder], check=True)
+
+
+def fill(disk, leave=0):
+    """Take all but `leave` bytes of the space left on `disk`, as another program's files would."""
+    with open(Path(disk) / f"filler-{len(list(Path(disk).glob('filler-*')))}", "wb") as filler:
+        filler.write(bytes(max(shutil.disk_usage(disk).free - leave, 0)))
 
 
 def run_script(*args, cwd=ROOT, timeout=900, script="fine_tune.py"):
