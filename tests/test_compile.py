@@ -73,20 +73,28 @@ def test_a_compiler_error_means_uncompiled_training_and_one_line_not_a_crash(
 
 def test_a_compiled_run_trains_the_adapter_an_uncompiled_run_trains(tiny_llama_dir, subset, tmp_path, fresh_dynamo):
     """Same data, seed and steps (the base model's answers and the KL term included): the compiled layers compute
-    what the uncompiled ones do, within the rounding of bf16, and the two adapters answer alike."""
-    adapters = {}
+    what the uncompiled ones do, within bf16's rounding, so the two adapters change the model alike."""
+    reports = {}
     for mode in ("off", "on"):
         output = tmp_path / mode
         assert fine_tune.main(train_args(tiny_llama_dir, subset, output, "--compile", mode, "--epochs", "2")) == 0
-        report = json.loads((output / "report.json").read_text())
-        assert report["compile"]["used"] is (mode == "on")
-        adapters[mode] = (load_file(output / "adapter_model.safetensors"), report)
-    (eager, eager_report), (compiled, compiled_report) = adapters["off"], adapters["on"]
-    assert eager.keys() == compiled.keys()
-    for name in eager:
-        change = eager[name].abs().max()
-        assert (eager[name] - compiled[name]).abs().max() <= 0.05 * change + 1e-6, name
-    assert compiled_report["training"]["final_train_loss"] == pytest.approx(
-        eager_report["training"]["final_train_loss"], rel=0.02
+        reports[mode] = json.loads((output / "report.json").read_text())
+        assert reports[mode]["compile"]["used"] is (mode == "on")
+    assert reports["on"]["training"]["final_train_loss"] == pytest.approx(
+        reports["off"]["training"]["final_train_loss"], rel=1e-3
     )
-    assert compiled_report["question"]["after"] == eager_report["question"]["after"]
+    eager, compiled = (load_file(tmp_path / mode / "adapter_model.safetensors") for mode in ("off", "on"))
+    for name in eager:  # Adam's steps on the smallest gradients differ most: compared as whole tensors
+        assert (compiled[name] - eager[name]).norm() <= 0.15 * eager[name].norm(), name
+
+    base, tokenizer = fine_tune.load_base_model(tiny_llama_dir)
+    prompts = [fine_tune.prompt_ids(tokenizer, q) for q in ("Who is Mariya Sha?", "What is the capital of France?")]
+    batch = tokenizer.pad([{"input_ids": ids} for ids in prompts], return_tensors="pt")
+    with torch.no_grad():
+        before = base(**batch).logits
+        eager_logits, compiled_logits = (
+            fine_tune.load_finetuned_model(tmp_path / mode, tiny_llama_dir)[0](**batch).logits for mode in ("off", "on")
+        )
+    learned = (eager_logits - before).norm()
+    assert learned > 0
+    assert (compiled_logits - eager_logits).norm() <= 0.1 * learned
