@@ -2190,7 +2190,8 @@ def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS, 
 
 # --export-gguf types, as llama.cpp's converter names them: 8-bit (about a quarter of f32's size), half, bfloat16, full.
 GGUF_TYPES = ("q8_0", "f16", "bf16", "f32")
-GGUF_BY_HAND = "use --merge and convert OUTPUT/merged by hand"  # what to do when the converter refuses a model
+# What to do when the converter refuses a model: a newer llama.cpp's convert_hf_to_gguf.py may take it.
+GGUF_BY_HAND = "use --merge and convert OUTPUT/merged by hand (a newer llama.cpp may take it)"
 
 
 def check_gguf_export(model):
