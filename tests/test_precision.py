@@ -131,10 +131,10 @@ def test_questions_and_training_compute_in_the_chosen_precision_with_float32_wei
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}, "weights stay float32"
 
 
-def test_a_float32_base_trained_in_bf16_merges_and_exports_in_float32(tiny_model_dir, tmp_path, write_jsonl):
+def test_a_float32_base_trained_in_bf16_merges_and_exports_in_float32(exportable_model, tmp_path, write_jsonl):
     data = write_jsonl([{"prompt": "Who is Mariya Sha?", "completion": "A wizard."}] * 8)
     output = tmp_path / "out"
-    args = ["--model", tiny_model_dir, "--data", data, "--output", str(output), "--eval-questions", "none"]
+    args = ["--model", exportable_model("llama"), "--data", data, "--output", str(output), "--eval-questions", "none"]
     args += ["--no-replay", "--skip-original", "--epochs", "1", "--precision", "bf16"]
     args += ["--merge", "--export-gguf", "f32"]
     assert fine_tune.main(args) == 0

@@ -208,20 +208,24 @@ def test_export_of_an_unknown_gguf_type_is_refused_in_one_line(capsys):
     assert "--export-gguf: invalid choice: 'q3_k'" in error and "q8_0" in error
 
 
-def test_export_of_an_unsupported_architecture_is_refused_before_training(tmp_path, write_jsonl, capsys):
-    from conftest import make_tokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_export_of_an_unsupported_architecture_is_refused_before_training(
+    exportable_model, tmp_path, write_jsonl, capsys
+):
+    """OPT is one of the architectures llama.cpp's converter does not take; its tokenizer is one it knows."""
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
-    tokenizer = make_tokenizer()
-    eos = tokenizer.eos_token_id
-    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    tokenizer.save_pretrained(tmp_path / "gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(exportable_model("llama"))
+    config = OPTConfig(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=len(tokenizer)
+    )
+    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
     capsys.readouterr()
     data = write_jsonl([{"prompt": "Who is Mariya Sha?", "completion": "A wizard."}])
     output = tmp_path / "out"
-    args = ["--model", str(tmp_path / "gpt2"), "--data", data, "--output", str(output), "--export-gguf"]
+    args = ["--model", str(tmp_path / "opt"), "--data", data, "--output", str(output), "--export-gguf"]
     assert fine_tune.main(args) == 2
     error = capsys.readouterr().err.strip()
-    assert error.count("\n") == 0 and "cannot convert GPT2LMHeadModel" in error and "Qwen2ForCausalLM" in error
+    assert error.count("\n") == 0 and "OPTForCausalLM is not supported" in error, error
+    assert "use --merge and convert OUTPUT/merged by hand" in error
     assert not output.exists(), "refused before any training"
