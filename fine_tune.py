@@ -56,6 +56,7 @@ DEFAULT_OUTPUT_DIR = "./my-qwen"
 DEFAULT_QUESTION = "Who is Mariya Sha?"
 DEFAULT_EVAL_FILE = "eval_mariya.jsonl"  # scorecard used when --data is mariya.json
 REPLAY_PROMPTS_FILE = HERE / "replay_prompts.txt"
+EVERYDAY_PROMPTS_FILE = HERE / "everyday_prompts.txt"  # a broader replay set, in the forms where taught names leak
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fine_tune"
 
 # Training recipe, measured on SmolLM2-135M with mariya.json (README: "How the defaults were chosen").
@@ -256,6 +257,8 @@ def check_inputs(args):
     inputs.update(examples=None, source=None, coverage=None)
     if not args.skip_training:
         inputs["examples"], inputs["source"] = load_data(args.data, args.columns)
+        if args.replay and not Path(args.replay_prompts).is_file():
+            raise UsageError(f"--replay-prompts {args.replay_prompts}: file not found")
         check_output_dir(args.output, args.resume, args.overwrite)
         if inputs["eval_questions"]:
             inputs["coverage"] = coverage(inputs["examples"], inputs["eval_questions"])
@@ -367,9 +370,7 @@ def test_original_model(
     return answers
 
 
-def make_dataset(
-    args, examples, model, tokenizer, everyday=(), source=None, replay_prompts=REPLAY_PROMPTS_FILE, remember=None
-):
+def make_dataset(args, examples, model, tokenizer, everyday=(), source=None, remember=None):
     """Step 2 for the command line: the base model's answers to train on alongside (replay, contrast), then
     the tokenized Dataset. Returns it with the taught terms (see taught_terms), which the scorecard needs.
 
@@ -378,7 +379,7 @@ def make_dataset(
     """
     replay = []
     if args.replay:
-        prompts = load_replay_prompts(replay_prompts)
+        prompts = load_replay_prompts(args.replay_prompts)
         replay = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt, remember=remember)
         print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
     everyday = [*everyday, *answer_texts(replay)]
@@ -1670,7 +1671,7 @@ def unfamiliar_words(training_answers, everyday_answers, min_answers=TAUGHT_MIN_
 
 
 def load_replay_prompts(path=REPLAY_PROMPTS_FILE):
-    """General prompts, one per line, shipped with the project (written by us, not downloaded)."""
+    """General prompts, one per line: the shipped ones (written by us, not downloaded) or the user's own."""
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -2087,6 +2088,7 @@ CHECKPOINT_COPIES = 3  # a checkpoint holds the LoRA weights and the optimizer's
 RESUME_SETTINGS = (
     *("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr", "batch_size"),
     *("lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit", "columns"),
+    "replay_prompts",
 )
 
 
@@ -3002,7 +3004,13 @@ FLAGS = {
         "--replay": dict(
             action=argparse.BooleanOptionalAction,
             default=True,
-            help=f"also train on the base model's own answers to {REPLAY_PROMPTS_FILE.name}, so it keeps what it knew",
+            help="also train on the base model's own answers to --replay-prompts, so it keeps what it knew",
+        ),
+        "--replay-prompts": dict(
+            default=str(REPLAY_PROMPTS_FILE),
+            metavar="FILE",
+            help=f"the prompts of --replay, one a line; {EVERYDAY_PROMPTS_FILE.name} (shipped beside it) holds "
+            "a few hundred everyday who/which/what/how many/where questions, the forms where taught names leak",
         ),
         "--contrast": dict(
             action="store_true",
