@@ -114,6 +114,47 @@ def test_statements_come_from_the_users_answers_only_and_can_be_turned_off():
     assert off == examples + replay
 
 
+# Answers about two people and about no one, as pairs, a conversation and a document.
+ABOUT_TWO = [
+    *({"prompt": f"Fact {i} about Mariya Sha?", "completion": f"Mariya Sha knows spell {i}."} for i in range(5)),
+    {"messages": [{"role": "user", "content": "Who is Mariya Sha?"}, {"role": "assistant", "content": "A wizard."}]},
+    *({"prompt": f"What did Frodo Baggins do {i}?", "completion": f"He walked mile {i}."} for i in range(3)),
+    {"text": "Frodo Baggins carried the ring to the mountain."},
+    {"prompt": "What is rain?", "completion": "Water falling from clouds."},
+]
+
+
+def test_names_are_the_words_capitalized_inside_sentences_and_never_written_in_lower_case():
+    texts = ["Which ring does Mariya Sha wear?", "The Ring of Mariya.", "It is Frodo's ring. Which way?"]
+    assert fine_tune.data_names(texts) == {"mariya", "sha", "frodo's"}, "not Which (first), not Ring (also ring)"
+
+
+def test_mixed_texts_join_answers_of_one_subject_each_in_several_orders():
+    texts = fine_tune.mixed_texts(ABOUT_TWO, 3, seed=1)
+    answers = fine_tune.answer_texts(ABOUT_TWO)
+    for text in texts:
+        joined = [answer for answer in answers if answer in text]
+        assert len(" ".join(joined)) == len(text), f"only whole answers of the user's data: {text!r}"
+        people = {person for person in ("Mariya", "Frodo", "He walked", "rain") if person in text}
+        assert people <= {"Frodo", "He walked"} or len(people) == 1, f"one subject per text: {text!r}"
+    for answer in answers:
+        assert sum(answer in text for text in texts) == fine_tune.MIX_ORDERS >= 2, answer
+    mariya = [text for text in texts if "Mariya" in text or "wizard" in text]
+    assert len(mariya) == 2 * fine_tune.MIX_ORDERS, "6 answers, 3 a text, in each order: 2 texts"
+    assert mariya[:2] != mariya[2:], "another order the second time"
+    assert fine_tune.mixed_texts(ABOUT_TWO, 3, seed=1) == texts, "the same for the same seed"
+    assert fine_tune.mixed_texts(ABOUT_TWO, 3, seed=2) != texts
+
+
+def test_mixed_texts_are_learned_as_documents_only_when_asked_for():
+    replay = [{"prompt": "2+2?", "completion": "Four, says the base model."}]
+    assert fine_tune.parse_args([]).mix_answers == 0, "off by default"
+    plain = fine_tune.training_examples(fine_tune.parse_args([]), ABOUT_TWO, replay)
+    mixed = fine_tune.training_examples(fine_tune.parse_args(["--mix-answers", "3", "--seed", "1"]), ABOUT_TWO, replay)
+    assert mixed == plain + [{"text": text} for text in fine_tune.mixed_texts(ABOUT_TWO, 3, seed=1)]
+    assert not any("Four" in example.get("text", "") for example in mixed), "the base model's answers are not mixed"
+
+
 def test_bare_share_teaches_an_even_share_without_the_template(tiny_model, capsys):
     _, tokenizer = tiny_model
     examples = EXAMPLES * 4
