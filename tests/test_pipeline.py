@@ -293,6 +293,64 @@ def test_distillation_is_off_where_no_row_holds_the_base_models_answers_or_rows_
         assert type(trainer).__name__ == "Trainer", "packed rows cannot be told apart; no base answers, no KL"
 
 
+def test_the_divergence_reaches_the_trainers_loss_times_kl_weight(tiny_model_dir, tmp_path, monkeypatch):
+    """Through Trainer's own batches: a column it drops (remove_unused_columns) would turn distillation off."""
+    calls = []
+
+    def constant_divergence(model, inputs, logits, rows):
+        calls.append(int(rows.sum()))
+        return torch.tensor(10.0)
+
+    monkeypatch.setattr(fine_tune, "base_divergence", constant_divergence)
+    replay = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "from_base": True} for i in range(4)]
+    first_loss = {}
+    for weight in (0, 1, 4):
+        model, tokenizer = fine_tune.load_base_model(tiny_model_dir)
+        dataset = fine_tune.load_and_preprocess_data(EXAMPLES + replay, tokenizer, bare_share=0)
+        model = fine_tune.setup_lora_model(model)
+        trainer = fine_tune.train_model(
+            model, tokenizer, dataset, str(tmp_path / str(weight)), epochs=2, batch_size=len(dataset), kl_weight=weight
+        )
+        first_loss[weight] = trainer.state.log_history[0]["loss"]
+    assert calls == [4] * 4, "two steps with KL 1 and two with KL 4, each on the batch's 4 replay rows"
+    assert first_loss[1] == pytest.approx(first_loss[0] + 10, abs=1e-3)
+    assert first_loss[4] == pytest.approx(first_loss[0] + 40, abs=1e-3)
+
+
+def test_make_dataset_marks_replay_and_contrast_rows_as_the_base_models_and_nothing_else(
+    tiny_model, subset, tmp_path, monkeypatch, capsys
+):
+    model, tokenizer = tiny_model
+    asked = []
+
+    def answers(model, tokenizer, prompts, max_new_tokens=50, system_prompt=None):
+        asked.append(prompts)
+        return [f"Base answer {len(asked)}.{i}." for i in range(len(prompts))]
+
+    monkeypatch.setattr(fine_tune, "generate_answers", answers)
+    (tmp_path / "mine.txt").write_text("What is rain?\n\nWho wrote Hamlet?\nWhere is Rome?\n", encoding="utf-8")
+    flags = ["--replay-prompts", str(tmp_path / "mine.txt"), "--contrast", "--bare-share", "0", "--mix-answers", "3"]
+    args = fine_tune.parse_args(flags)
+    examples = fine_tune.load_examples(subset)
+    dataset, taught = fine_tune.make_dataset(args, examples, model, tokenizer)
+
+    replay, contrast = asked
+    assert replay == ["What is rain?", "Who wrote Hamlet?", "Where is Rome?"], "the prompts of --replay-prompts"
+    someone_else = [any(name in prompt for name in fine_tune.CONTRAST_SUBJECTS) for prompt in contrast]
+    assert contrast and all(someone_else), "the user's prompts asked about someone else"
+    base = len(replay) + len(contrast)
+    mixed = fine_tune.mixed_texts(examples, 3, args.seed)
+    pieces = len(dataset) - len(examples) - base  # of the statements and mixed texts, cut at --max-length
+    assert dataset["from_base"] == [0] * len(examples) + [1] * base + [0] * pieces
+    for row in dataset.select(range(len(examples), len(examples) + base)):
+        assert "Base answer" in tokenizer.decode([t for t in row["labels"] if t != -100]), "the base model's answer"
+    for row in dataset.select(range(len(examples) + base, len(dataset))):
+        assert row["labels"] == row["input_ids"], "statements and mixed texts: every token learned"
+    documents = len(examples) + len(mixed)
+    assert f"{len(examples) + base} pairs (chat template), {documents} documents" in capsys.readouterr().out
+    assert "mariya sha" in taught
+
+
 def test_contrast_prompts_ask_the_users_prompts_about_someone_else():
     prompts = ["Who is Mariya Sha?", "Which sword does Mariya Sha carry?", "Where is Rivendell?"] * 3
     unfamiliar = {"mariya", "sha", "rivendell", "carry"}
