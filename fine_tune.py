@@ -57,6 +57,7 @@ DEFAULT_OUTPUT_DIR = "./my-qwen"
 DEFAULT_QUESTION = "Who is Mariya Sha?"
 DEFAULT_EVAL_FILE = "eval_mariya.jsonl"  # scorecard used when --data is mariya.json
 REPLAY_PROMPTS_FILE = HERE / "replay_prompts.txt"
+EVERYDAY_PROMPTS_FILE = HERE / "everyday_prompts.txt"  # a broader replay set, in the forms where taught names leak
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fine_tune"
 
 # Training recipe, measured on SmolLM2-135M with mariya.json (README: "How the defaults were chosen").
@@ -70,6 +71,8 @@ LORA_DROPOUT = 0.0  # 0.05 cost a fifth of the training speed and did not raise 
 TARGET_MODULES = "all-linear"  # attention and MLP layers: facts are learned faster than with q/k/v alone
 BARE_SHARE = 0.3  # share of examples taught without the chat template, so bare questions work too
 STATEMENTS = True  # also learn each answer as plain text: facts met in two forms are recalled more often
+MIX_ANSWERS = 0  # answers joined per text by --mix-answers; off until three seeds show it pays (issue 26)
+MIX_ORDERS = 2  # with --mix-answers: how many joined texts each answer is in, among other answers each time
 # Keep the base model's whole distribution (KL) on its own answers: over three seeds, leaks 3 -> 0.7 of 40 and
 # chat retention 64% -> 72% at the same chat recall (docs/experiments.md, session 6).
 KL_WEIGHT = 1.0
@@ -257,6 +260,8 @@ def check_inputs(args):
     inputs.update(examples=None, source=None, coverage=None)
     if not args.skip_training:
         inputs["examples"], inputs["source"] = load_data(args.data, args.columns)
+        if args.replay and not Path(args.replay_prompts).is_file():
+            raise UsageError(f"--replay-prompts {args.replay_prompts}: file not found")
         check_output_dir(args.output, args.resume, args.overwrite)
         if inputs["eval_questions"]:
             inputs["coverage"] = coverage(inputs["examples"], inputs["eval_questions"])
@@ -368,9 +373,7 @@ def test_original_model(
     return answers
 
 
-def make_dataset(
-    args, examples, model, tokenizer, everyday=(), source=None, replay_prompts=REPLAY_PROMPTS_FILE, remember=None
-):
+def make_dataset(args, examples, model, tokenizer, everyday=(), source=None, remember=None):
     """Step 2 for the command line: the base model's answers to train on alongside (replay, contrast), then
     the tokenized Dataset. Returns it with the taught terms (see taught_terms), which the scorecard needs.
 
@@ -379,7 +382,7 @@ def make_dataset(
     """
     replay = []
     if args.replay:
-        prompts = load_replay_prompts(replay_prompts)
+        prompts = load_replay_prompts(args.replay_prompts)
         replay = make_replay_examples(model, tokenizer, prompts, system_prompt=args.system_prompt, remember=remember)
         print(f"Replay: the base model answered {len(replay)} general prompts to train on alongside")
     everyday = [*everyday, *answer_texts(replay)]
@@ -1049,13 +1052,20 @@ def coverage(examples, eval_questions):
 
 def answer_texts(examples):
     """What the model is taught to say: completions, assistant turns and documents."""
-    texts = []
+    return [answer for _, answer in asked_and_answered(examples)]
+
+
+def asked_and_answered(examples):
+    """(prompt, answer) for each answer in the examples: a pair's, each assistant turn after the turn before it,
+    a document after an empty prompt."""
+    pairs = []
     for example in examples:
         if "messages" in example:
-            texts += [m["content"] for m in example["messages"] if m["role"] == "assistant"]
+            turns = example["messages"]
+            pairs += [(turns[i - 1]["content"], m["content"]) for i, m in enumerate(turns) if m["role"] == "assistant"]
         else:
-            texts.append(example.get("completion", example.get("text")))
-    return texts
+            pairs.append((example.get("prompt", ""), example.get("completion", example.get("text"))))
+    return pairs
 
 
 def print_coverage(counts):
@@ -1668,7 +1678,7 @@ def unfamiliar_words(training_answers, everyday_answers, min_answers=TAUGHT_MIN_
 
 
 def load_replay_prompts(path=REPLAY_PROMPTS_FILE):
-    """General prompts, one per line, shipped with the project (written by us, not downloaded)."""
+    """General prompts, one per line: the shipped ones (written by us, not downloaded) or the user's own."""
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -1751,9 +1761,57 @@ def names_in(text, names):
 
 
 def training_examples(args, examples, replay):
-    """The user's examples, the replay pairs, and with --statements each answer once more as plain text."""
+    """The user's examples, the replay pairs, with --statements each answer once more as plain text, and with
+    --mix-answers the answers joined by subject (see mixed_texts), learned as documents too."""
     answers = answer_texts(e for e in examples if "text" not in e) if args.statements else []
-    return examples + replay + [{"text": answer} for answer in answers]
+    mixed = mixed_texts(examples, args.mix_answers, args.seed) if args.mix_answers else []
+    return examples + replay + [{"text": text} for text in answers + mixed]
+
+
+def mixed_texts(examples, answers_per_text, seed=SEED, orders=MIX_ORDERS):
+    """The user's answers (completions, assistant turns, documents) joined `answers_per_text` at a time into plain
+    texts, each with answers about the same subject, in `orders` different random orders: every answer is in
+    `orders` texts, among other answers each time.
+
+    A fact met in several orders and beside other facts of its subject is recalled from more ways of asking
+    (Allen-Zhu & Li, Physics of Language Models 3.1: "multi + permute" data). An answer's subject is the name
+    that it or its prompt shares with the most other answers (see data_names), found in the data alone; answers
+    of a subject too small to fill a text, and those naming nothing, are joined at random.
+    """
+    import random
+    from collections import Counter, defaultdict
+
+    asked = asked_and_answered(examples)
+    names = data_names([text for pair in asked for text in pair])
+    named = [set(names_in(f"{prompt}\n{answer}", names)) for prompt, answer in asked]
+    counts = Counter(name for found in named for name in found)
+    groups = defaultdict(list)
+    for (_, answer), found in zip(asked, named):
+        groups[max(found, key=lambda name: (counts[name], name), default="")].append(answer)
+    subjects = {name: group for name, group in sorted(groups.items()) if name and len(group) >= answers_per_text}
+    rest = [answer for name, group in sorted(groups.items()) if name not in subjects for answer in group]
+    draw, texts = random.Random(seed), []
+    for group in [*subjects.values(), rest]:
+        for _ in range(orders):
+            order = draw.sample(group, len(group))
+            pieces = math.ceil(len(order) / answers_per_text)  # as even as can be: no answer left alone at the end
+            texts += [" ".join(order[start::pieces]) for start in range(pieces)]
+    return texts
+
+
+def data_names(texts):
+    """The words of `texts` that are names: capitalized inside a sentence and never written in lower case
+    ("Mariya", "Glamdring"; not "Which", which only starts questions, nor "Ring" if "ring" is written too)."""
+    import re
+
+    inside = [
+        word
+        for text in texts
+        for sentence in re.split(r"(?<=[.!?:;])\s+", text)
+        for word in re.findall(r"[^\W\d_][\w'-]*", sentence)[1:]
+        if word[:1].isupper()
+    ]
+    return taught_names(texts, words(" ".join(inside)))
 
 
 def tokenize_conversation(tokenizer, messages):
@@ -2088,6 +2146,7 @@ CHECKPOINT_COPIES = 3  # a checkpoint holds the LoRA weights and the optimizer's
 RESUME_SETTINGS = (
     *("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr", "batch_size"),
     *("lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit", "columns"),
+    *("mix_answers", "replay_prompts"),
 )
 
 
@@ -2908,6 +2967,14 @@ FLAGS = {
             help="also train on each completion as plain text, every token learned, so the facts are met "
             "as statements as well as answers",
         ),
+        "--mix-answers": dict(
+            type=int,
+            default=MIX_ANSWERS,
+            metavar="N",
+            accepts=(lambda value: value == 0 or value >= 2, "0 (off) or 2 or more"),
+            help=f"also train on texts that each join N of your answers about one subject, in {MIX_ORDERS} random "
+            "orders, every token learned: each fact met in several orders and beside other facts (0: off)",
+        ),
         "--bare-share": dict(
             type=float,
             default=BARE_SHARE,
@@ -2918,7 +2985,13 @@ FLAGS = {
         "--replay": dict(
             action=argparse.BooleanOptionalAction,
             default=True,
-            help=f"also train on the base model's own answers to {REPLAY_PROMPTS_FILE.name}, so it keeps what it knew",
+            help="also train on the base model's own answers to --replay-prompts, so it keeps what it knew",
+        ),
+        "--replay-prompts": dict(
+            default=str(REPLAY_PROMPTS_FILE),
+            metavar="FILE",
+            help=f"the prompts of --replay, one a line; {EVERYDAY_PROMPTS_FILE.name} (shipped beside it) holds "
+            "a few hundred everyday who/which/what/how many/where questions, the forms where taught names leak",
         ),
         "--contrast": dict(
             action="store_true",

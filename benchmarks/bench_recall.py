@@ -35,7 +35,7 @@ def base_answers(model, tokenizer, eval_questions, args, results=RESULTS):
     return answers
 
 
-def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.REPLAY_PROMPTS_FILE, results=RESULTS):
+def train_once(args, seed, eval_questions, output_dir, results=RESULTS):
     """One training run of the recipe in `args` with `seed`; returns its scores and training time."""
     import transformers
 
@@ -46,7 +46,7 @@ def train_once(args, seed, eval_questions, output_dir, replay_prompts=fine_tune.
     before = base_answers(model, tokenizer, eval_questions, args, results)
     examples = fine_tune.load_examples(args.data)
     everyday = fine_tune.everyday_answers(eval_questions, before)
-    dataset, taught = fine_tune.make_dataset(args, examples, model, tokenizer, everyday, replay_prompts=replay_prompts)
+    dataset, taught = fine_tune.make_dataset(args, examples, model, tokenizer, everyday)
     model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
     compiling, _ = fine_tune.choose_compile(args.compile, model.device.type, len(dataset) * args.epochs)
     started = time.perf_counter()
@@ -118,7 +118,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--label", default="default", help="name of the recipe in the results file")
-    parser.add_argument("--replay-prompts", default=fine_tune.REPLAY_PROMPTS_FILE, help="general prompts for replay")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON results and adapters")
     parser.add_argument("recipe", nargs="*", help="fine_tune.py flags (after --)")
     options = parser.parse_args(argv)
@@ -130,7 +129,7 @@ def main(argv=None):
     runs = []
     for seed in options.seeds:
         output_dir = options.results / f"recall-{options.label}-seed{seed}"
-        run = train_once(args, seed, eval_questions, output_dir, options.replay_prompts, options.results)
+        run = train_once(args, seed, eval_questions, output_dir, options.results)
         runs.append(run)
         print(f"{options.label} seed {seed}: {one_line(run)}", flush=True)
     result = {"label": options.label, "recipe": options.recipe, "runs": runs, "summary": summary(runs)}

@@ -74,6 +74,14 @@ def test_missing_data_file(tmp_path, capsys, no_model_loading):
     assert "missing.json: file not found" in capsys.readouterr().err
 
 
+def test_missing_replay_prompts_file_is_refused_before_a_model_loads(tmp_path, write_jsonl, capsys, no_model_loading):
+    data = write_jsonl([json.loads(GOOD)])
+    argv = ["--data", data, "--output", str(tmp_path / "out"), "--replay-prompts", str(tmp_path / "mine.txt")]
+    assert fine_tune.main(argv) == 2
+    assert "mine.txt: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_broken_line_from_the_command_line_has_no_traceback(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(GOOD + "{oops\n", encoding="utf-8")

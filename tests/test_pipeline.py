@@ -114,6 +114,47 @@ def test_statements_come_from_the_users_answers_only_and_can_be_turned_off():
     assert off == examples + replay
 
 
+# Answers about two people and about no one, as pairs, a conversation and a document.
+ABOUT_TWO = [
+    *({"prompt": f"Fact {i} about Mariya Sha?", "completion": f"Mariya Sha knows spell {i}."} for i in range(5)),
+    {"messages": [{"role": "user", "content": "Who is Mariya Sha?"}, {"role": "assistant", "content": "A wizard."}]},
+    *({"prompt": f"What did Frodo Baggins do {i}?", "completion": f"He walked mile {i}."} for i in range(3)),
+    {"text": "Frodo Baggins carried the ring to the mountain."},
+    {"prompt": "What is rain?", "completion": "Water falling from clouds."},
+]
+
+
+def test_names_are_the_words_capitalized_inside_sentences_and_never_written_in_lower_case():
+    texts = ["Which ring does Mariya Sha wear?", "The Ring of Mariya.", "It is Frodo's ring. Which way?"]
+    assert fine_tune.data_names(texts) == {"mariya", "sha", "frodo's"}, "not Which (first), not Ring (also ring)"
+
+
+def test_mixed_texts_join_answers_of_one_subject_each_in_several_orders():
+    texts = fine_tune.mixed_texts(ABOUT_TWO, 3, seed=1)
+    answers = fine_tune.answer_texts(ABOUT_TWO)
+    for text in texts:
+        joined = [answer for answer in answers if answer in text]
+        assert len(" ".join(joined)) == len(text), f"only whole answers of the user's data: {text!r}"
+        people = {person for person in ("Mariya", "Frodo", "He walked", "rain") if person in text}
+        assert people <= {"Frodo", "He walked"} or len(people) == 1, f"one subject per text: {text!r}"
+    for answer in answers:
+        assert sum(answer in text for text in texts) == fine_tune.MIX_ORDERS >= 2, answer
+    mariya = [text for text in texts if "Mariya" in text or "wizard" in text]
+    assert len(mariya) == 2 * fine_tune.MIX_ORDERS, "6 answers, 3 a text, in each order: 2 texts"
+    assert mariya[:2] != mariya[2:], "another order the second time"
+    assert fine_tune.mixed_texts(ABOUT_TWO, 3, seed=1) == texts, "the same for the same seed"
+    assert fine_tune.mixed_texts(ABOUT_TWO, 3, seed=2) != texts
+
+
+def test_mixed_texts_are_learned_as_documents_only_when_asked_for():
+    replay = [{"prompt": "2+2?", "completion": "Four, says the base model."}]
+    assert fine_tune.parse_args([]).mix_answers == 0, "off by default"
+    plain = fine_tune.training_examples(fine_tune.parse_args([]), ABOUT_TWO, replay)
+    mixed = fine_tune.training_examples(fine_tune.parse_args(["--mix-answers", "3", "--seed", "1"]), ABOUT_TWO, replay)
+    assert mixed == plain + [{"text": text} for text in fine_tune.mixed_texts(ABOUT_TWO, 3, seed=1)]
+    assert not any("Four" in example.get("text", "") for example in mixed), "the base model's answers are not mixed"
+
+
 def test_bare_share_teaches_an_even_share_without_the_template(tiny_model, capsys):
     _, tokenizer = tiny_model
     examples = EXAMPLES * 4
@@ -250,6 +291,64 @@ def test_distillation_is_off_where_no_row_holds_the_base_models_answers_or_rows_
         dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0)
         trainer = fine_tune.train_model(model, tokenizer, dataset, str(tmp_path), epochs=1, packing=packing)
         assert type(trainer).__name__ == "Trainer", "packed rows cannot be told apart; no base answers, no KL"
+
+
+def test_the_divergence_reaches_the_trainers_loss_times_kl_weight(tiny_model_dir, tmp_path, monkeypatch):
+    """Through Trainer's own batches: a column it drops (remove_unused_columns) would turn distillation off."""
+    calls = []
+
+    def constant_divergence(model, inputs, logits, rows):
+        calls.append(int(rows.sum()))
+        return torch.tensor(10.0)
+
+    monkeypatch.setattr(fine_tune, "base_divergence", constant_divergence)
+    replay = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "from_base": True} for i in range(4)]
+    first_loss = {}
+    for weight in (0, 1, 4):
+        model, tokenizer = fine_tune.load_base_model(tiny_model_dir)
+        dataset = fine_tune.load_and_preprocess_data(EXAMPLES + replay, tokenizer, bare_share=0)
+        model = fine_tune.setup_lora_model(model)
+        trainer = fine_tune.train_model(
+            model, tokenizer, dataset, str(tmp_path / str(weight)), epochs=2, batch_size=len(dataset), kl_weight=weight
+        )
+        first_loss[weight] = trainer.state.log_history[0]["loss"]
+    assert calls == [4] * 4, "two steps with KL 1 and two with KL 4, each on the batch's 4 replay rows"
+    assert first_loss[1] == pytest.approx(first_loss[0] + 10, abs=1e-3)
+    assert first_loss[4] == pytest.approx(first_loss[0] + 40, abs=1e-3)
+
+
+def test_make_dataset_marks_replay_and_contrast_rows_as_the_base_models_and_nothing_else(
+    tiny_model, subset, tmp_path, monkeypatch, capsys
+):
+    model, tokenizer = tiny_model
+    asked = []
+
+    def answers(model, tokenizer, prompts, max_new_tokens=50, system_prompt=None):
+        asked.append(prompts)
+        return [f"Base answer {len(asked)}.{i}." for i in range(len(prompts))]
+
+    monkeypatch.setattr(fine_tune, "generate_answers", answers)
+    (tmp_path / "mine.txt").write_text("What is rain?\n\nWho wrote Hamlet?\nWhere is Rome?\n", encoding="utf-8")
+    flags = ["--replay-prompts", str(tmp_path / "mine.txt"), "--contrast", "--bare-share", "0", "--mix-answers", "3"]
+    args = fine_tune.parse_args(flags)
+    examples = fine_tune.load_examples(subset)
+    dataset, taught = fine_tune.make_dataset(args, examples, model, tokenizer)
+
+    replay, contrast = asked
+    assert replay == ["What is rain?", "Who wrote Hamlet?", "Where is Rome?"], "the prompts of --replay-prompts"
+    someone_else = [any(name in prompt for name in fine_tune.CONTRAST_SUBJECTS) for prompt in contrast]
+    assert contrast and all(someone_else), "the user's prompts asked about someone else"
+    base = len(replay) + len(contrast)
+    mixed = fine_tune.mixed_texts(examples, 3, args.seed)
+    pieces = len(dataset) - len(examples) - base  # of the statements and mixed texts, cut at --max-length
+    assert dataset["from_base"] == [0] * len(examples) + [1] * base + [0] * pieces
+    for row in dataset.select(range(len(examples), len(examples) + base)):
+        assert "Base answer" in tokenizer.decode([t for t in row["labels"] if t != -100]), "the base model's answer"
+    for row in dataset.select(range(len(examples) + base, len(dataset))):
+        assert row["labels"] == row["input_ids"], "statements and mixed texts: every token learned"
+    documents = len(examples) + len(mixed)
+    assert f"{len(examples) + base} pairs (chat template), {documents} documents" in capsys.readouterr().out
+    assert "mariya sha" in taught
 
 
 def test_contrast_prompts_ask_the_users_prompts_about_someone_else():

@@ -117,11 +117,75 @@ def test_shipped_scorecard_asks_differently_from_every_training_prompt():
             assert similarity < 0.8, f"{question!r} is a near copy of the training prompt {prompt!r}"
 
 
-def test_replay_prompts_are_not_the_control_questions():
-    """Training on the control questions would make retention look better than it is."""
-    replay = {normalized(p) for p in fine_tune.REPLAY_PROMPTS_FILE.read_text(encoding="utf-8").splitlines()}
-    questions = fine_tune.load_eval_questions(ROOT / "eval_mariya.jsonl")
-    assert not replay & {normalized(q["question"]) for q in questions}
+# Words that ask rather than say what is asked, and other words for the same thing.
+ASKING_WORDS = {"does", "have", "has", "many", "much", "our", "you", "your", "called", "known", "name"}
+SAME_WORDS = {"biggest": "largest", "big": "large", "quickest": "fastest", "nearest": "closest", "color": "colour"}
+
+
+def content_words(question):
+    """What a question asks about: its words without function and asking words, plurals as singulars, synonyms
+    as one word ("How many days does a week have?" -> day, week)."""
+    found = fine_tune.words(question) - fine_tune.FUNCTION_WORDS - ASKING_WORDS
+    singular = {w[:-1] if w.endswith("s") and not w.endswith("ss") and len(w) > 3 else w for w in found}
+    return {SAME_WORDS.get(word, word) for word in singular}
+
+
+def asks_the_same(prompt, control):
+    """Whether a prompt is a control question in other words: most content words shared, or a name of the
+    question ("Mona Lisa", "Red Planet"; one word such as "Japan" is asked about in many ways) or of its answer
+    ("Leonardo", "Tokyo") in the prompt."""
+    one, two = content_words(prompt), content_words(control["question"])
+    shared = one & two
+    if len(shared) / max(len(one | two), 1) >= 0.6 or (
+        len(shared) >= 2 and len(shared) / min(len(one), len(two)) >= 0.6
+    ):
+        return True
+    names = re.findall(r"(?<=\w )[A-Z]\w+(?: [A-Z]\w+)+", control["question"]) + [
+        k for k in control["expect"] if k[:1].isupper()
+    ]
+    return any(re.search(rf"\b{re.escape(name)}", prompt) for name in names if len(name) > 3)
+
+
+def test_the_paraphrase_check_catches_a_control_question_in_other_words():
+    controls = {q["question"]: q for q in fine_tune.load_eval_questions(ROOT / "eval_mariya.jsonl")}
+    same = {
+        "Who was the painter of the Mona Lisa?": "Who painted the Mona Lisa?",
+        "Which planet is biggest?": "What is the largest planet in our solar system?",
+        "Name the capital city of France.": "What is the capital of France?",
+        "How many days does a week have?": "How many days are there in a week?",
+        "Which is the quickest animal on land?": "What is the fastest land animal?",
+        "Who first walked on the Moon?": "Who was the first person to walk on the Moon?",
+        "What is the Mona Lisa?": "Who painted the Mona Lisa?",
+        "Who was Leonardo da Vinci?": "Who painted the Mona Lisa?",
+    }
+    for prompt, control in same.items():
+        assert asks_the_same(prompt, controls[control]), (prompt, control)
+    different = {
+        "What is the capital of Italy?": "What is the capital of France?",
+        "How many legs does an insect have?": "How many legs does a spider have?",
+        "Which planet is closest to the Sun?": "Which star is closest to the Earth?",
+    }
+    for prompt, control in different.items():
+        assert not asks_the_same(prompt, controls[control]), (prompt, control)
+
+
+@pytest.mark.parametrize(
+    "prompts", [fine_tune.REPLAY_PROMPTS_FILE, fine_tune.EVERYDAY_PROMPTS_FILE], ids=lambda p: p.name
+)
+def test_replay_prompts_are_not_the_control_questions_even_in_other_words(prompts):
+    """Training on the control questions, in any words, would make retention look better than it is."""
+    lines = [line for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    controls = [q for q in fine_tune.load_eval_questions(ROOT / "eval_mariya.jsonl") if q["kind"] == "control"]
+    near = [(line, q["question"]) for line in lines for q in controls if asks_the_same(line, q)]
+    assert not near, f"{len(near)} prompts ask a control question: {near[:5]}"
+    assert len(set(map(normalized, lines))) == len(lines), "no prompt twice"
+
+
+def test_the_everyday_prompts_ask_a_few_hundred_questions_in_the_forms_where_taught_names_leak():
+    lines = fine_tune.load_replay_prompts(fine_tune.EVERYDAY_PROMPTS_FILE)
+    assert 200 <= len(lines) <= 300
+    for form in ("Who ", "Which ", "What ", "How many ", "Where "):
+        assert sum(line.startswith(form) for line in lines) >= 25, form
 
 
 def test_an_empty_keyword_is_refused_as_it_would_match_every_answer(tmp_path):
