@@ -493,7 +493,7 @@ def setup_lora_model(
         # the small updates are not rounded away.
         model = get_peft_model(model, config)
     except ValueError as err:
-        raise UsageError(f"--target-modules {target_modules}: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"--target-modules {target_modules}: {first_line(err)}") from None
     trainable, total = model.get_nb_trainable_parameters()
     print(
         f"[3/6] LoRA r={lora_r} alpha={lora_alpha} on {target_modules}: "
@@ -698,7 +698,7 @@ def read_records(path, flag, fix):
 def json_problem(err):
     if isinstance(err, RecursionError):
         return "nested too deeply"
-    return getattr(err, "msg", None) or str(err).splitlines()[0]
+    return getattr(err, "msg", None) or first_line(err)
 
 
 def read_table(path):
@@ -709,8 +709,7 @@ def read_table(path):
     try:
         table = load(str(path), keep_in_memory=True)
     except Exception as err:  # pyarrow and pandas raise many kinds; the first line says what is wrong
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"{path}: cannot read it as {path.suffix[1:].upper()} ({first_line})") from None
+        raise UsageError(f"{path}: cannot read it as {path.suffix[1:].upper()} ({first_line(err)})") from None
     yield from table_records(path, table)
 
 
@@ -1144,9 +1143,8 @@ def resolve_model(name, cache_dir=DEFAULT_CACHE_DIR):
         except RunFailed:  # a full disk under --cache-dir
             raise
         except Exception as err:  # a damaged file raises ValueError, struct.error, KeyError... from gguf's reader
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UsageError(
-                f"--model {name}: cannot read it as a GGUF model ({first_line}); if it was downloaded, "
+                f"--model {name}: cannot read it as a GGUF model ({first_line(err)}); if it was downloaded, "
                 "the download may be incomplete: fetch it again"
             ) from None
     # A hub id is "name" or "owner/name"; anything else is meant as a local folder.
@@ -1345,13 +1343,13 @@ def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, loa
             quantization_config=quantization,
         )
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0]
-        if not allow_pickle and "no file named model.safetensors" in first_line:
+        problem = first_line(err)
+        if not allow_pickle and "no file named model.safetensors" in problem:
             raise UsageError(
                 f"--model {model_path}: has only pickle (.bin) weights, which can run code when loaded; "
                 "pass --allow-pickle if you trust where it came from"
             ) from None
-        raise UsageError(f"--model {model_path}: could not load it ({first_line})") from None
+        raise UsageError(f"--model {model_path}: could not load it ({problem})") from None
     if precision == "bf16" and model.device.type == "cpu":
         # As accelerate does for mixed precision: the weights stay float32 (and so do merges and exports),
         # while every forward pass multiplies in bf16, here twice as fast as float32 (benchmarks/README.md).
