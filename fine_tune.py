@@ -10,8 +10,8 @@
 How this file reads, top to bottom:
   Defaults          what a run does when no flag says otherwise
   The story         main() and run(), then the six steps, each a function you can call on its own (the notebook
-                    does): test_original_model -> load_and_preprocess_data -> setup_lora_model -> train_model
-                    -> save_model -> test_finetuned_model
+                    does): test_original_model -> make_dataset (replay, contrast, then load_and_preprocess_data)
+                    -> setup_lora_model -> train_model -> save_model -> test_finetuned_model
   Then the details, in the order the story first needs them:
   Data              a file (pairs, conversations, documents, Alpaca, ShareGPT), a folder of notes, a Hub dataset;
                     the scorecard and how well the data covers it
@@ -1546,9 +1546,9 @@ def hash_of(value):
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def everyday_answers(eval_questions, before, replay=()):
-    """The base model's answers to the control questions (every way of asking) and to the replay prompts."""
-    answers = [example["completion"] for example in replay]
+def everyday_answers(eval_questions, before):
+    """The base model's answers to the control questions (every way of asking)."""
+    answers = []
     for mode, texts in (before or {}).items():
         if mode != "question":
             answers += [text for item, text in zip(eval_questions, texts) if item["kind"] == "control"]
