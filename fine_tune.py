@@ -1222,9 +1222,11 @@ def unreachable_hub():
     """The hub's host name when it cannot be reached within 5 seconds, else None (it can)."""
     from huggingface_hub import constants
 
-    host = urlparse(constants.ENDPOINT).hostname
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)  # a mirror's HF_ENDPOINT may name its port
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((host, port), timeout=5).close()
     except OSError:
         return host
     return None
