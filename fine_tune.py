@@ -2408,6 +2408,8 @@ def export_gguf(model_dir, path, qtype="q8_0", name=None):
     needs = int(path_size(Path(model_dir)) / 4 * GGUF_BYTES_PER_WEIGHT[qtype])  # the merged model is float32
     with written_whole(path, "the GGUF file", needs) as partial:
         why = run_gguf_converter(model_dir, partial, "--outtype", qtype, *(["--model-name", name] if name else []))
+        if why and disk_full(Exception(why), path.parent):  # said as every other full disk is (written_whole)
+            raise OSError(errno.ENOSPC, why)
         if why:
             raise RunFailed(f"--export-gguf: llama.cpp's converter failed writing {path} ({why}); {GGUF_BY_HAND}")
     return str(path)

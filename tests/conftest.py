@@ -187,13 +187,14 @@ def write_jsonl(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A folder on a 12 MB disk of its own, which fills up for real: a tmpfs, mounted as root (as CI runs the
-    tests). A user and mount namespace (unshare -rm) would hide it from this process, so without root: skipped."""
+    """A folder on a 48 MB disk of its own (room for a tiny model's merge and GGUF), which fills up for real: a
+    tmpfs, mounted as root (as CI runs the tests). A user and mount namespace (unshare -rm) would hide it from this
+    process, so without root: skipped."""
     folder = tmp_path / "disk"
     folder.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", folder], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", folder], capture_output=True)
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     yield folder

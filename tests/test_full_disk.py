@@ -90,8 +90,8 @@ def train_with_checkpoints(model_dir, folder):
 
 
 def export(model_dir, folder):
-    fine_tune.export_gguf(model_dir, folder / "tiny.gguf", "f32")
-    return lambda: fine_tune.export_gguf(model_dir, folder / "tiny.gguf", "q8_0")
+    fine_tune.export_gguf(model_dir, folder / "tiny.gguf", "q8_0")
+    return lambda: fine_tune.export_gguf(model_dir, folder / "tiny.gguf", "f16")
 
 
 def modelfile(model_dir, folder):
@@ -135,11 +135,16 @@ WRITES = {
 
 
 @pytest.mark.parametrize("what", WRITES)
-def test_a_full_disk_at_each_write_ends_in_one_line_and_changes_nothing(what, tiny_model_dir, small_disk):
+def test_a_full_disk_at_each_write_ends_in_one_line_and_changes_nothing(
+    what, tiny_model_dir, exportable_model, small_disk
+):
     folder = small_disk / "out"
     folder.mkdir()
     prepare, flag = WRITES[what]
-    write_again = prepare(tiny_model_dir, folder)
+    # GGUF files are written by llama.cpp's converter, which takes a model whose tokenizer it knows
+    write_again = prepare(
+        exportable_model("llama") if "GGUF" in what or "converted" in what else tiny_model_dir, folder
+    )
     before = contents(folder)
     fill(small_disk)
     with pytest.raises(fine_tune.RunFailed) as failed:
@@ -156,21 +161,22 @@ def test_a_full_disk_at_each_write_ends_in_one_line_and_changes_nothing(what, ti
     [
         ((), "peft.PeftModel.save_pretrained", "the adapter"),  # as training ends
         (("--skip-training", "--merge"), "fine_tune.merge_adapter", "the merged model"),
-        (("--skip-training", "--export-gguf", "f32"), "fine_tune.export_gguf", "the GGUF file"),  # after its merge
+        (("--skip-training", "--export-gguf", "q8_0"), "fine_tune.export_gguf", "the GGUF file"),  # after its merge
     ],
     ids=["training", "merge", "export-gguf"],
 )
 def test_a_disk_that_fills_during_a_run_ends_it_with_one_line_and_keeps_the_adapter(
-    flags, where, what, tiny_model_dir, subset, small_disk, tmp_path, monkeypatch, capsys
+    flags, where, what, tiny_model_dir, exportable_model, subset, small_disk, tmp_path, monkeypatch, capsys
 ):
     output = small_disk / "out"
+    tiny_model_dir = exportable_model("llama3.2") if "--export-gguf" in flags else tiny_model_dir  # merged: 16 MB
     make_adapter(tiny_model_dir, output)
     before = contents(output)
     write = pkgutil.resolve_name(where)
     monkeypatch.setattr(where, lambda *args, **kwargs: fill(small_disk) or write(*args, **kwargs))
     code = fine_tune.main(tiny_args(tiny_model_dir, subset, output, tmp_path, *flags))
     err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err, err
     assert re.fullmatch("error: " + disk_full_line(what, output), err.strip().splitlines()[-1])
     assert not leftovers(output)
     assert {name: data for name, data in contents(output).items() if name in before} == before
@@ -188,9 +194,10 @@ def test_a_disk_that_fills_during_a_run_ends_it_with_one_line_and_keeps_the_adap
     ids=["training", "checkpoints", "merge", "export-gguf"],
 )
 def test_a_run_whose_outputs_cannot_fit_is_refused_before_the_work(
-    flags, needs, tiny_model_dir, subset, small_disk, tmp_path, capsys
+    flags, needs, tiny_model_dir, exportable_model, subset, small_disk, tmp_path, capsys
 ):
     output = small_disk / "out"
+    tiny_model_dir = exportable_model("llama") if "--export-gguf" in flags else tiny_model_dir
     make_adapter(tiny_model_dir, output)
     before = contents(output)
     fill(small_disk)
@@ -207,8 +214,8 @@ def test_a_run_whose_outputs_cannot_fit_is_refused_before_the_work(
     assert contents(output) == before
 
 
-def test_the_space_estimates_are_at_most_what_is_written(tiny_model_dir, tiny_llama_dir, tmp_path):
-    for model_dir in (tiny_model_dir, tiny_llama_dir):  # tied and untied output layers
+def test_the_space_estimates_are_at_most_what_is_written(exportable_model, tmp_path):
+    for model_dir in (exportable_model("llama3.2"), exportable_model("llama")):  # tied and untied output layers
         output = tmp_path / Path(model_dir).name
         make_adapter(model_dir, output)
         written = {"adapter": fine_tune.path_size(output)}
@@ -256,7 +263,8 @@ sys.exit(fine_tune.main(sys.argv[1:]))
 """
 
 
-def test_a_merge_killed_midway_leaves_the_old_one_and_the_next_run_cleans_up(tiny_model_dir, tmp_path, capsys):
+def test_a_merge_killed_midway_leaves_the_old_one_and_the_next_run_cleans_up(exportable_model, tmp_path, capsys):
+    tiny_model_dir = exportable_model("llama")  # one that llama.cpp's converter takes: the run exports it too
     output = tmp_path / "out"
     make_adapter(tiny_model_dir, output)
     fine_tune.merge_adapter(output, tiny_model_dir, output / "merged")  # an earlier merge
