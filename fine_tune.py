@@ -1862,7 +1862,6 @@ def choose_compile(requested, device, rows_trained):
     auto compiles where the compiler is at hand and the run is long enough to earn back the compile time; on
     compiles wherever it can run; off never. A missing compiler means uncompiled training, never a failed run.
     """
-
     if requested == "off":
         return False, "chosen with --compile"
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" or os.environ.get("ACCELERATE_USE_FSDP") == "true":
