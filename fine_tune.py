@@ -1,4 +1,4 @@
-"""Teach a chat model new facts with LoRA, and show that it learned them.
+"""Teach a chat model new facts with LoRA (or, with --full, every weight), and show that it learned them.
 
     python fine_tune.py                      # teach the default model about Mariya Sha
     python fine_tune.py --model smollm2      # the small bundled model: offline, minutes on a laptop
@@ -19,11 +19,12 @@ How this file reads, top to bottom:
   Asking, scoring   questions in three forms, greedy answers, recall, retention and leaks
   Training details  what the base model adds to the data, tokens and labels, batches, the Trainer's guards,
                     checkpoints and --resume
-  The adapter       loading it, chat, merge
+  The adapter       loading it (or a --full model), chat, merge
   GGUF              export for llama.cpp, Ollama and LM Studio
   Reporting         the scorecard table, the verdict, report.json and loss.png
   Writing           every file whole or not at all; a full disk in one line, or refused before the work
-  Command line      the flags as one table, the checks on --output
+  Command line      every setting declared once, in the flags table (default, accepted values, help, whether
+                    --resume needs it unchanged); default_settings() hands them to the step functions
   Several processes torchrun and accelerate launch: the main process speaks for all
 Heavy libraries (torch, transformers) are imported inside the functions, so `--help` answers at once.
 """
@@ -74,12 +75,15 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
 
 # Training recipe, measured on SmolLM2-135M with mariya.json (README: "How the defaults were chosen").
 EPOCHS = 3
-LEARNING_RATE = 2e-3
+LR = 2e-3
+# --full trains every weight: a step that moves the LoRA matrices well moves the whole model far too much.
+FULL_LR = 5e-5
 BATCH_SIZE = 8
 MAX_LENGTH = 128
 LORA_R = 8
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.0  # 0.05 cost a fifth of the training speed and did not raise recall
+LORA_PLUS = 0  # LoRA+: B's learning rate this many times A's (0: off, the same); measured in docs/experiments.md
 TARGET_MODULES = "all-linear"  # attention and MLP layers: facts are learned faster than with q/k/v alone
 BARE_SHARE = 0.3  # share of examples taught without the chat template, so bare questions work too
 STATEMENTS = True  # also learn each answer as plain text: facts met in two forms are recalled more often
@@ -158,8 +162,7 @@ def run(args, held):
     """The pipeline behind the command line: the six steps, and around them what the flags ask for.
 
     Returns the report it writes (empty on the other processes). held: a contextlib.ExitStack that keeps the
-    --output lock until the run has ended, however it ends. Longer than most functions here, so that the whole
-    pipeline reads in one place.
+    --output lock until the run has ended, however it ends.
     """
     timings, started = {}, time.perf_counter()
     inputs = check_inputs(args)  # every file and flag, before anything heavy is loaded
@@ -168,95 +171,52 @@ def run(args, held):
     model_name, base_model = pick_base_model(args)
     precision, why = choose_precision(args.precision)
     print(describe_precision(precision, why))
+    resume_from, fingerprint = prepare_output(args, held, base_model, inputs["source"])
     loading = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle, "precision": precision}
+    loading["load_in_4bit"] = args.load_in_4bit
     remember = answers_folder(args.cache_dir, base_model, precision)  # the base model's answers, between runs
-    resume_from, fingerprint = None, None
-    if not args.skip_training:
-        resume_from, fingerprint = check_before_training(args, base_model, inputs["source"])
-    check_before_exports(args, base_model)
-    check_disk_space(args, base_model)
-    if not args.skip_training or args.merge or args.export_gguf:  # this run writes in --output: it alone may
-        from_main_process(lambda: held.enter_context(output_lock(args.output)))
+    facts = {"precision": {"used": precision, "why": why}}  # what report.json tells beside the scores
 
     before = trainer = taught = None
-    if not (args.skip_original and args.skip_training) and not adapter_use_only(args):
+    if asks_or_trains_the_base_model(args):
         with stopwatch(timings, "load"):
             print(f"Loading {model_name}...")
-            model, tokenizer = load_base_model(base_model, load_in_4bit=args.load_in_4bit, **loading)
+            model, tokenizer = load_base_model(base_model, full=args.full, **loading)
         if not args.skip_original and is_main_process():
             with stopwatch(timings, "before"):
                 before = test_original_model(
                     model, tokenizer, args.question, questions, args.max_new_tokens, args.system_prompt, remember
                 )
         if not args.skip_training:
-            if not args.resume and is_main_process():
-                remove_checkpoints(args.output)  # of an unfinished run that --overwrite gives up
             with stopwatch(timings, "data"):
                 everyday = everyday_answers(questions, before)
                 dataset, taught = from_main_process(
                     lambda: make_dataset(
-                        args, inputs["examples"], model, tokenizer, everyday, inputs["source"], remember=remember
+                        args, inputs["examples"], model, tokenizer, everyday, inputs["source"], remember
                     )
                 )
-            model = setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
-            compiling, compile_why = choose_compile(args.compile, model.device.type, len(dataset) * args.epochs)
-            print(describe_compile(compiling, compile_why))
+            model = setup_lora_model(model, args)
             with stopwatch(timings, "train"):
-                trainer = train_model(
-                    model,
-                    tokenizer,
-                    dataset,
-                    args.output,
-                    epochs=args.epochs,
-                    learning_rate=args.lr,
-                    batch_size=args.batch_size,
-                    seed=args.seed,
-                    packing=args.packing,
-                    gradient_checkpointing=args.gradient_checkpointing,
-                    save_steps=args.save_steps,
-                    resume_from=resume_from,
-                    fingerprint=fingerprint,
-                    kl_weight=args.kl_weight,
-                    neftune_alpha=args.neftune,
-                    precision=precision,
-                    compile=compiling,
-                )
+                trainer = train_model(model, tokenizer, dataset, args, resume_from, fingerprint, precision)
             with stopwatch(timings, "save"):
-                agree = same_on_all_processes(model)
-                if not agree:
-                    print("Warning: the processes ended with different weights; the saved adapter is the main one's")
                 save_model(model, tokenizer, args.output, trainer)
-                if not args.keep_checkpoints and is_main_process():
-                    remove_checkpoints(args.output)
+                facts.update(end_training(args, model, trainer))
         del model
     if not is_main_process():
         return {}
 
-    if trainer and processes() > 1:
-        leave_deepspeed()
     model = tokenizer = None
     report = {}
     if not adapter_use_only(args):
         with stopwatch(timings, "after"):
-            model, tokenizer = load_finetuned_model(args.output, base_model, load_in_4bit=args.load_in_4bit, **loading)
+            model, tokenizer = load_finetuned_model(args.output, base_model, **loading)
             after = test_finetuned_model(
                 model, tokenizer, args.question, questions, args.max_new_tokens, args.system_prompt
             )
-        report = build_report(args, model_name, base_model, inputs, before, after, trainer, taught)
-        report["precision"] = {"used": precision, "why": why}
-        if trainer:
-            compiled = layers_compiled(trainer.model)
-            report["compile"] = {"used": compiled, "why": compile_why if compiled == compiling else "compiling failed"}
-        if trainer and processes() > 1:
-            report["training"]["same_weights_on_all_processes"] = agree
+        report = build_report(args, model_name, base_model, inputs, before, after, trainer, taught, facts)
         report["timings_seconds"] = {**timings, "total": round(time.perf_counter() - started, 1)}
         conclude(args, report)
-    if args.merge or args.export_gguf:
-        export_model(args, base_model)
-    if args.chat:
-        if model is None:
-            model, tokenizer = load_finetuned_model(args.output, base_model, **loading)
-        chat(model, tokenizer, args.temperature, system_prompt=args.system_prompt)
+    use_model(args, base_model, model, tokenizer, loading)
     return report
 
 
@@ -278,15 +238,34 @@ def check_inputs(args):
         if inputs["eval_questions"]:
             inputs["coverage"] = coverage(inputs["examples"], inputs["eval_questions"])
             print_coverage(inputs["coverage"])
-    elif not (Path(args.output) / "adapter_config.json").is_file():
-        raise UsageError(f"--skip-training: no adapter in {args.output}; train one first or point --output at one")
+    elif not trained_kind(args.output):
+        raise UsageError(
+            f"--skip-training: no adapter in {args.output} (nor a --full model); train one first or point --output "
+            "at one"
+        )
     elif args.system_prompt is None:
         args.system_prompt = trained_system_prompt(args.output)
     if args.chat and processes() > 1:
         raise UsageError("--chat runs in one process: afterwards, python fine_tune.py --skip-training --chat")
+    if args.full and not args.skip_training:
+        check_full(args)
     if args.load_in_4bit:
         check_4bit()
     return inputs
+
+
+def check_full(args):
+    """--full trains the weights themselves: not 4-bit ones, with no LoRA matrices (--lora-plus), and for --kl-weight
+    it keeps a copy of them, which DeepSpeed ZeRO-3 and FSDP (sharding them across processes) would not hold whole."""
+    if args.load_in_4bit:
+        raise UsageError("--full trains every weight, which 4-bit weights cannot; drop --load-in-4bit (QLoRA)")
+    if args.lora_plus:
+        raise UsageError("--lora-plus sets the learning rate of LoRA's B matrices, which --full has not; drop one")
+    if shards_weights() and args.kl_weight and (args.replay or args.contrast):
+        raise UsageError(
+            "--full under DeepSpeed ZeRO-3 or FSDP: --kl-weight needs the base weights whole; add --kl-weight 0, or "
+            "launch with torchrun (data parallel)"
+        )
 
 
 def start_libraries(seed, cache_dir=DEFAULT_CACHE_DIR):
@@ -309,15 +288,28 @@ def pick_base_model(args):
         if note:
             print(note)
         return model_name, resolve_model(model_name, args.cache_dir)
-    base_model = adapter_base_model(args.output)
+    base_model = trained_base_model(args.output)
     if Path(base_model).is_absolute() and not Path(base_model).exists():
         raise UsageError(
-            f"--skip-training: the adapter in {args.output} was trained on {base_model}, which is not there "
+            f"--skip-training: the model in {args.output} was trained from {base_model}, which is not there "
             "any more; pass its base with --model"
         )
     if not Path(base_model).exists():
         return base_model, resolve_model(base_model, args.cache_dir)  # a hub id: cached, or reachable?
     return base_model, base_model
+
+
+def prepare_output(args, held, base_model, source):
+    """Check what this run will write in --output (see below), before the model loads, then hold --output's lock
+    until the run ends (held: see run). Returns (the checkpoint to resume from or None, the run's fingerprint)."""
+    resume_from = fingerprint = None
+    if not args.skip_training:
+        resume_from, fingerprint = check_before_training(args, base_model, source)
+    check_before_exports(args, base_model)
+    check_disk_space(args, base_model)
+    if not args.skip_training or args.merge or args.export_gguf:  # this run writes in --output: it alone may
+        from_main_process(lambda: held.enter_context(output_lock(args.output)))
+    return resume_from, fingerprint
 
 
 def check_before_training(args, base_model, source):
@@ -331,10 +323,20 @@ def check_before_training(args, base_model, source):
 
 def check_before_exports(args, base_model):
     """--merge and --export-gguf refuse at once, not after training, what they could not write."""
+    if args.merge and full_model(args):
+        raise UsageError(
+            f"--merge: after --full, {args.output} holds the whole model already (from_pretrained loads it); "
+            "drop --merge"
+        )
     if args.merge:
         check_merge_target(Path(args.output) / "merged", base_model)
     if args.export_gguf:
         check_gguf_export(base_model)
+
+
+def full_model(args):
+    """Whether this run's fine-tuned model is a whole one: trained now with --full, or found so in --output."""
+    return args.full if not args.skip_training else trained_kind(args.output) == "full"
 
 
 def check_disk_space(args, base_model):
@@ -343,12 +345,13 @@ def check_disk_space(args, base_model):
     model's files (see output_sizes) on the low side."""
     if args.skip_training and not (args.merge or args.export_gguf):
         return  # nothing to write
-    sizes = output_sizes(base_model, args.lora_r, args.target_modules)
+    sizes = output_sizes(base_model, args.lora_r, args.target_modules, args.full and not args.skip_training)
     needs = {}
     if not args.skip_training:
-        what = "the adapter and a checkpoint" if args.save_steps else "the adapter"
+        what = "the model" if args.full else "the adapter"
+        what += " and a checkpoint" if args.save_steps else ""
         needs[what] = sizes["adapter"] + sizes["checkpoint"] * bool(args.save_steps)
-    if args.merge or args.export_gguf:  # --export-gguf merges first, into a temporary folder
+    if (args.merge or args.export_gguf) and not full_model(args):  # --export-gguf merges first, into a temporary folder
         needs["the merged model"] = sizes["merged"]
     if args.export_gguf:
         needs[f"the {args.export_gguf} GGUF file"] = sizes["weights"] * GGUF_BYTES_PER_WEIGHT[args.export_gguf]
@@ -476,12 +479,17 @@ def load_and_preprocess_data(
     return dataset
 
 
-def setup_lora_model(
-    model, lora_r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES, lora_dropout=LORA_DROPOUT
-):
-    """Step 3: freeze the base model and add small trainable LoRA matrices to the chosen layers."""
+def setup_lora_model(model, settings):
+    """Step 3: freeze the base model and add small trainable LoRA matrices to the chosen layers
+    (settings.lora_r, lora_alpha, lora_dropout, target_modules); with settings.full, every weight trains instead."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    if settings.full:
+        model.requires_grad_(True)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"[3/6] Full fine-tuning: all {total:,} parameters trainable")
+        return model
+    target_modules = settings.target_modules
     if target_modules != "all-linear":
         names = linear_layer_names(model)
         unknown = [name for name in target_modules.split(",") if name not in names]
@@ -495,9 +503,9 @@ def setup_lora_model(
 
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
         target_modules="all-linear" if target_modules == "all-linear" else target_modules.split(","),
     )
     try:
@@ -508,62 +516,61 @@ def setup_lora_model(
         raise UsageError(f"--target-modules {target_modules}: {first_line(err)}") from None
     trainable, total = model.get_nb_trainable_parameters()
     print(
-        f"[3/6] LoRA r={lora_r} alpha={lora_alpha} on {target_modules}: "
+        f"[3/6] LoRA r={settings.lora_r} alpha={settings.lora_alpha} on {target_modules}: "
         f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
     )
     return model
 
 
-def train_model(
-    model,
-    tokenizer,
-    dataset,
-    output_dir,
-    epochs=EPOCHS,
-    learning_rate=LEARNING_RATE,
-    batch_size=BATCH_SIZE,
-    seed=SEED,
-    packing=False,
-    gradient_checkpointing=False,
-    save_steps=0,
-    resume_from=None,
-    fingerprint=None,
-    kl_weight=KL_WEIGHT,
-    neftune_alpha=None,
-    precision="fp32",
-    compile=False,
-):
-    """Step 4: train the LoRA weights with transformers' Trainer. Returns the Trainer.
+def train_model(model, tokenizer, dataset, settings, resume_from=None, fingerprint=None, precision="fp32"):
+    """Step 4: train the LoRA weights (or with settings.full every weight) with transformers' Trainer, as
+    `settings` say (epochs, lr, batch_size, seed, packing, kl_weight, neftune, compile, gradient_checkpointing,
+    save_steps, output: see --help). Returns the Trainer.
 
-    Checkpoints go to output_dir/checkpoint-STEP every `save_steps` (0: never) and at the first Ctrl-C,
+    Checkpoints go to OUTPUT/checkpoint-STEP every `save_steps` (0: never) and at the first Ctrl-C,
     which then raises Interrupted; `resume_from` continues from such a checkpoint. A loss that is no
     longer a number stops training at once with RunFailed. Under torchrun or accelerate launch the
-    processes train one model together (data parallel). `compile`: compile the decoder layers first (see
-    compile_layers); if that fails, training runs uncompiled and one line says why.
+    processes train one model together (data parallel). Where settings.compile says so (see choose_compile), the
+    decoder layers are compiled first (see compile_layers); if that fails, training runs uncompiled and one line
+    says why.
     """
     from transformers import Trainer
 
-    distilling = kl_weight and "from_base" in dataset.column_names and not packing  # packed rows are not apart
+    output_dir = settings.output
+    if not resume_from and is_main_process():
+        remove_checkpoints(output_dir)  # of an unfinished run that --overwrite gives up
+    compiling, why = choose_compile(settings.compile, model.device.type, len(dataset) * settings.epochs)
+    print(describe_compile(compiling, why))
+    distilling = settings.kl_weight and "from_base" in dataset.column_names and not settings.packing  # rows apart
+    # The base model that distilling compares with: the adapter switched off, or after --full a copy of its weights.
+    full_base = settings.full and distilling
+    base_weights = {name: p.detach().clone() for name, p in model.named_parameters()} if full_base else None
     args = training_arguments(
-        model, output_dir, epochs, learning_rate, batch_size, seed, gradient_checkpointing, save_steps, precision,
+        model,
+        settings,
+        precision,
         remove_unused_columns=not distilling,  # distillation needs the from_base column
-        neftune_noise_alpha=neftune_alpha,
-    )  # fmt: skip
-    guard = run_guard(seed, fingerprint)
-    trainer = (distilling_trainer(kl_weight) if distilling else Trainer)(
+    )
+    guard = run_guard(settings.seed, fingerprint)
+    trainer = (distilling_trainer(settings.kl_weight, base_weights) if distilling else Trainer)(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=data_collator(tokenizer, accepts_logits_to_keep(model), packing),
+        data_collator=data_collator(tokenizer, accepts_logits_to_keep(model), settings.packing),
         processing_class=tokenizer,
         callbacks=[guard],
+        optimizers=(lora_plus_optimizer(model, args, settings.lora_plus), None),
     )
     if os.environ.get("ACCELERATE_USE_FSDP") == "true" and not trainer.is_fsdp_enabled:
         # accelerate (1.15) turns FSDP on only for GPU processes; on CPUs it trains data-parallel without a word
         print("Note: FSDP shards models across GPUs only: these CPU processes train data-parallel (DDP) instead")
-    how = ", packed" if packing else ""
+    how = ", every weight" if settings.full else ""
+    how += ", packed" if settings.packing else ""
     how += f", {processes()} processes" if processes() > 1 else ""
-    print(f"[4/6] Training for {epochs} epochs (batch size {batch_size}, learning rate {learning_rate}{how})")
+    print(
+        f"[4/6] Training for {settings.epochs} epochs (batch size {settings.batch_size}, "
+        f"learning rate {settings.lr}{how})"
+    )
     if resume_from:
         print(f"Resuming from {resume_from}")
 
@@ -576,7 +583,7 @@ def train_model(
     attention = model.config._attn_implementation
     if model.device.type == "cpu":  # PyTorch's SDPA backward is slow for short sequences: plain attention is 17% faster
         model.set_attn_implementation("eager")
-    failure = compile and compile_layers(trainer)
+    failure = compiling and compile_layers(trainer)
     if failure:
         print(f"Compile: failed ({failure}), so training runs uncompiled")
     try:
@@ -596,7 +603,7 @@ def train_model(
         model.set_attn_implementation(attention)  # generation is faster with SDPA
     if guard.failed_step is not None:
         raise RunFailed(
-            f"the training loss stopped being a number at step {guard.failed_step} (learning rate {learning_rate}): "
+            f"the training loss stopped being a number at step {guard.failed_step} (learning rate {settings.lr}): "
             "training stopped and no adapter was saved; lower --lr (on an fp16 GPU, try half of it or a GPU with bf16)"
         )
     if guard.interrupted:
@@ -605,35 +612,59 @@ def train_model(
 
 
 def save_model(model, tokenizer, output_dir, trainer=None):
-    """Step 5: save the adapter (safetensors) and tokenizer, in the layout peft loads.
+    """Step 5: save the adapter (safetensors) and tokenizer, in the layout peft loads; after --full, the whole
+    model, in the layout transformers loads, and a FULL_MARK naming its base model.
 
-    Written to a temporary folder first and moved into place, adapter_config.json last (see written_whole), so
-    a failed save (a full disk) leaves the previous adapter as it was, and a half-written one never loads. With
-    a trainer, its save is used: under DeepSpeed or FSDP it gathers the weights from every process.
+    Written to a temporary folder first and moved into place, its mark last (see written_whole), so a failed
+    save (a full disk) leaves the previous model as it was, and a half-written one never loads. With a trainer,
+    its save is used: under DeepSpeed or FSDP it gathers the weights from every process.
     """
+    full = not hasattr(model, "peft_config")
+    what = "the fine-tuned model" if full else "the adapter"
     output_dir, needs = Path(output_dir), parameter_bytes(model, trainable=True)
-    with written_whole(output_dir / "adapter", "the adapter", needs, place=move_adapter) as partial:
+    with written_whole(output_dir / ("model" if full else "adapter"), what, needs, place=move_trained) as partial:
         if trainer and processes() > 1:
             trainer.save_model(str(partial))
-            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle, and not part of the adapter
+            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle, and not part of the model
         else:
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
+        if full and is_main_process():  # the others' trainer.save_model left it to the main one
+            (partial / FULL_MARK).write_text(json.dumps({"base_model": model.name_or_path}), encoding="utf-8")
         size = path_size(partial)
     if is_main_process():
-        print(f"[5/6] Saved the LoRA adapter to {output_dir} ({size / 1e6:.1f} MB)")
+        print(f"[5/6] Saved {what.replace('adapter', 'LoRA adapter')} to {output_dir} ({size / 1e6:.1f} MB)")
 
 
-def move_adapter(partial, target):
-    """Move the saved adapter's files into the folder of `target`, adapter_config.json last: while they move, no
-    mix of old and new files loads as an adapter. The other processes leave it to the main one."""
+def move_trained(partial, target):
+    """Move the saved files into the folder of `target`, its mark (adapter_config.json or FULL_MARK) last, and
+    remove what the other kind of run left there: while they move, no mix of old and new files loads. The other
+    processes leave it to the main one."""
     if not is_main_process():
         return
-    files = sorted(partial.iterdir(), key=lambda file: file.name == "adapter_config.json")
-    (target.parent / "adapter_config.json").unlink(missing_ok=True)
-    for file in files:
-        file.replace(target.parent / file.name)
+    folder = target.parent
+    for pattern in (*TRAINED_MARKS, *(pattern for kind in TRAINED_FILES.values() for pattern in kind)):
+        for file in folder.glob(pattern):
+            file.unlink()
+    for file in sorted(partial.iterdir(), key=lambda file: file.name in TRAINED_MARKS):
+        file.replace(folder / file.name)
     partial.rmdir()
+
+
+def end_training(args, model, trainer):
+    """After the model is saved: the checkpoints removed unless --keep-checkpoints, and with several processes,
+    whether they all ended with the same weights (a warning if not), and DeepSpeed left so that the main process
+    loads models whole again. Returns what report.json adds about the training."""
+    facts = {"compile": compile_report(args, trainer)}
+    if processes() > 1:
+        agree = same_on_all_processes(model)
+        if not agree:
+            print("Warning: the processes ended with different weights; the saved model is the main one's")
+        facts["training"] = {"same_weights_on_all_processes": agree}
+        leave_deepspeed()
+    if not args.keep_checkpoints and is_main_process():
+        remove_checkpoints(args.output)
+    return facts
 
 
 def test_finetuned_model(
@@ -643,6 +674,17 @@ def test_finetuned_model(
     answers = ask_questions(model, tokenizer, question, eval_questions, max_new_tokens, system_prompt)
     print(f"[6/6] Fine-tuned model answers: {answers['question']}")
     return answers
+
+
+def use_model(args, base_model, model=None, tokenizer=None, loading=None):
+    """What the fine-tuned model is used for after the run: --merge, --export-gguf, --chat (with the model the
+    after-test loaded, else loaded now with `loading`, load_base_model's options)."""
+    if args.merge or args.export_gguf:
+        export_model(args, base_model)
+    if args.chat:
+        if model is None:
+            model, tokenizer = load_finetuned_model(args.output, base_model, **(loading or {}))
+        chat(model, tokenizer, args.temperature, system_prompt=args.system_prompt)
 
 
 # =============================================================================
@@ -1219,9 +1261,12 @@ def check_hub_reachable(model_id):
 
 
 def unreachable_hub():
-    """The hub's host name when it cannot be reached within 5 seconds, else None (it can)."""
+    """The hub's host name when it cannot be reached within 5 seconds, else None (it can, or only a proxy could
+    tell: huggingface_hub goes through HTTPS_PROXY, this probe does not)."""
     from huggingface_hub import constants
 
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
     endpoint = urlparse(constants.ENDPOINT)
     host = endpoint.hostname
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)  # a mirror's HF_ENDPOINT may name its port
@@ -1320,19 +1365,23 @@ def describe_precision(precision, why):
     return f"Precision: {names[precision]} ({why}; --precision to choose)"
 
 
-def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, load_in_4bit=False, precision="fp32"):
+def load_base_model(
+    model_path, trust_remote_code=False, allow_pickle=False, load_in_4bit=False, precision="fp32", full=False
+):
     """Load model and tokenizer once; the same load serves the "before" test and training.
 
     Weights load from safetensors only, unless allow_pickle: a pickled .bin file can run code. `precision`
-    (see choose_precision) is what every forward pass computes in: training, replay, questions and chat.
+    (see choose_precision) is what every forward pass computes in: training, replay, questions and chat. With
+    `full` (--full trains the weights themselves) they stay float32 on a GPU too.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = pick_device()
-    # On CUDA the weights are loaded in the precision itself; on a CPU they stay float32 (see below).
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) if device == "cuda" else None
-    dtype = dtype or torch.float32
+    # On CUDA the weights are loaded in the precision itself; on a CPU, and to train them all, they stay float32
+    # (see below): AdamW's small steps would round away in 16 bits.
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = compute if device == "cuda" and not full else torch.float32
     if device == "cuda" and processes() > 1:  # one GPU per process; ZeRO-3 places the weights itself
         device = None if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else f"cuda:{local_rank()}"
     quantization = None
@@ -1358,10 +1407,10 @@ def load_base_model(model_path, trust_remote_code=False, allow_pickle=False, loa
                 "pass --allow-pickle if you trust where it came from"
             ) from None
         raise UsageError(f"--model {model_path}: could not load it ({problem})") from None
-    if precision == "bf16" and model.device.type == "cpu":
+    if compute != dtype:
         # As accelerate does for mixed precision: the weights stay float32 (and so do merges and exports),
-        # while every forward pass multiplies in bf16, here twice as fast as float32 (benchmarks/README.md).
-        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+        # while every forward pass multiplies in bf16, on a CPU twice as fast as float32 (benchmarks/README.md).
+        model.forward = torch.autocast(model.device.type, dtype=compute)(model.forward)
     model.config.use_cache = False  # a KV cache in training would also mix packed examples' attention
     tokenizer.padding_side = "right"  # for training; generation pads on the left explicitly
     set_pad_token(tokenizer)
@@ -1427,14 +1476,15 @@ def generate_answers(
     max_new_tokens=MAX_NEW_TOKENS,
     form="chat",
     system_prompt=None,
-    batch_size=GENERATION_BATCH_SIZE,
+    generation_batch_size=GENERATION_BATCH_SIZE,
 ):
     """Answer each question greedily, in batches, the same way before and after training.
 
     Returns only the newly generated text of each answer.
     """
     prompts = [prompt_ids(tokenizer, question, form, system_prompt) for question in questions]
-    return [decode(tokenizer, ids) for ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size)]
+    answers = generate_ids(model, tokenizer, prompts, max_new_tokens, generation_batch_size)
+    return [decode(tokenizer, ids) for ids in answers]
 
 
 def prompt_ids(tokenizer, prompt, form="chat", system_prompt=None):
@@ -1468,7 +1518,7 @@ def decode(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def generate_ids(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=GENERATION_BATCH_SIZE):
+def generate_ids(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, generation_batch_size=GENERATION_BATCH_SIZE):
     """The token ids greedy generation adds to each prompt (a list of ids), up to its first end token."""
     import torch
     from transformers import GenerationConfig
@@ -1479,8 +1529,8 @@ def generate_ids(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch
     )
     model.eval()
     answers = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [{"input_ids": ids} for ids in prompts[start : start + batch_size]]
+    for start in range(0, len(prompts), generation_batch_size):
+        encoded = [{"input_ids": ids} for ids in prompts[start : start + generation_batch_size]]
         batch = tokenizer.pad(encoded, padding_side="left", return_tensors="pt").to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, generation_config=config)
@@ -1933,6 +1983,14 @@ def layers_compiled(model):
     return any(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers)
 
 
+def compile_report(args, trainer):
+    """report.json's compile: whether the trained layers were compiled, and why (see choose_compile)."""
+    model = trainer.model
+    compiling, why = choose_compile(args.compile, model.device.type, len(trainer.train_dataset) * args.epochs)
+    compiled = layers_compiled(model)
+    return {"used": compiled, "why": why if compiled == compiling else "compiling failed"}
+
+
 def decoder_layers(model):
     """The model's repeated decoder layers (a ModuleList), under peft's and the model's own wrappers, or None."""
     import torch
@@ -1945,42 +2003,53 @@ def decoder_layers(model):
     return None
 
 
-def training_arguments(
-    model, output_dir, epochs, learning_rate, batch_size, seed, gradient_checkpointing, save_steps, precision, **more
-):
-    """Trainer's settings for this model and machine (see train_model), and `more` TrainingArguments."""
+def training_arguments(model, settings, precision, **more):
+    """Trainer's settings for this model, machine and run (see train_model), and `more` TrainingArguments."""
     import torch
     from transformers import TrainingArguments
 
     on_cuda = model.device.type == "cuda"
     return TrainingArguments(
-        output_dir=output_dir,
-        num_train_epochs=epochs,
-        learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size,
+        output_dir=settings.output,
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.lr,
+        per_device_train_batch_size=settings.batch_size,
         # Batches of similar length waste little compute on padding.
         train_sampling_strategy="group_by_length",
         logging_steps=LOGGING_STEPS,
         logging_nan_inf_filter=False,  # a NaN loss is shown as NaN, not hidden behind the average
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or None,
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or None,
         report_to="none",
         disable_tqdm=False,  # the progress bar, even with transformers' logging turned down
-        seed=seed,
+        seed=settings.seed,
         # On a CPU the model already computes in bf16 (load_base_model): Trainer's autocast on top would cost 15%.
         # CUDA's mixed precision and DeepSpeed (whose config must agree) need to be told.
         bf16=precision == "bf16" and (on_cuda or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"),
         fp16=precision == "fp16",
         tf32=on_cuda and torch.cuda.get_device_capability()[0] >= 8,
         dataloader_pin_memory=on_cuda,
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        activation_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        neftune_noise_alpha=settings.neftune,
         # Without use_cpu, processes started by torchrun on a machine without GPUs train separate copies.
         use_cpu=model.device.type == "cpu",
         ddp_backend="gloo" if model.device.type == "cpu" and processes() > 1 else None,
-        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs time
+        ddp_find_unused_parameters=False,  # every trained weight gets a gradient; the search costs time
         **more,
     )
+
+
+def lora_plus_optimizer(model, args, ratio):
+    """LoRA+ (Hayou et al. 2024): AdamW with B's learning rate `ratio` times A's, as peft builds it; None (the
+    Trainer's own) when off."""
+    if not ratio:
+        return None
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    adam = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon, "weight_decay": args.weight_decay}
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=args.learning_rate, loraplus_lr_ratio=ratio, **adam)
 
 
 def run_guard(seed, fingerprint=None):
@@ -2032,11 +2101,12 @@ def length_grouped_sampler(dataloader):
     return None
 
 
-def distilling_trainer(kl_weight):
+def distilling_trainer(kl_weight, base_weights=None):
     """A Trainer whose loss adds kl_weight x KL(base model || fine-tuned model) on the rows that hold the base
     model's own answers (replay, contrast): it keeps the base model's whole distribution there, not only its greedy
     answer (self-distillation, as in Learning without Forgetting). The base model is the model itself with
-    its adapter switched off, so it costs one more forward pass over those rows and no memory."""
+    its adapter switched off, so it costs one more forward pass over those rows and no memory; in full
+    fine-tuning, the model run with `base_weights`, a copy of its weights from before training."""
     import torch
     from transformers import Trainer
 
@@ -2045,27 +2115,33 @@ def distilling_trainer(kl_weight):
             from_base = inputs.pop("from_base", None)
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             weight = kl_weight
-            if from_base is None and processes() > 1:
+            if from_base is None and shards_weights():
                 # ZeRO-3 and FSDP gather the weights for every forward pass on all processes at once, so each
                 # process asks the base model in every step, on its first row with no weight if it has none.
                 from_base, weight = torch.arange(len(inputs["input_ids"])) == 0, 0.0
             if from_base is not None:
-                divergence = base_divergence(self.accelerator.unwrap_model(model), inputs, outputs.logits, from_base)
+                unwrapped = self.accelerator.unwrap_model(model)
+                divergence = base_divergence(unwrapped, inputs, outputs.logits, from_base, base_weights)
                 loss = loss + weight * divergence
             return (loss, outputs) if return_outputs else loss
 
     return DistillingTrainer
 
 
-def base_divergence(model, inputs, logits, rows):
+def base_divergence(model, inputs, logits, rows, base_weights=None):
     """Mean KL(base || model) over the answer tokens of the batch's `rows`, the base being `model` (a PeftModel)
-    with its adapter off."""
+    with its adapter off, or `model` run with base_weights ({name: tensor}) in their place."""
     import torch
 
     labels = inputs["labels"][rows]
     asked = {key: inputs[key][rows] for key in ("input_ids", "attention_mask")}
-    with torch.no_grad(), model.disable_adapter():
-        base = model(**asked, logits_to_keep=labels.shape[1]).logits
+    asked["logits_to_keep"] = labels.shape[1]
+    with torch.no_grad():
+        if base_weights is None:
+            with model.disable_adapter():
+                base = model(**asked).logits
+        else:
+            base = torch.func.functional_call(model, base_weights, (), asked).logits
     answer = labels[:, 1:] != IGNORE_INDEX  # the logit at position i predicts token i + 1
     student = logits[rows][:, :-1][answer].float().log_softmax(-1)
     teacher = base[:, :-1][answer].float().log_softmax(-1)
@@ -2118,14 +2194,6 @@ RUN_FINGERPRINT = "fine_tune_run.json"  # in a checkpoint: the data and settings
 CHECKPOINT_COPIES = 3  # a checkpoint holds the LoRA weights and the optimizer's two running averages of each
 
 
-# Settings that --resume must find unchanged (with the data's content and the base model).
-RESUME_SETTINGS = (
-    *("system_prompt", "statements", "bare_share", "replay", "max_length", "packing", "epochs", "lr", "batch_size"),
-    *("lora_r", "lora_alpha", "lora_dropout", "target_modules", "seed", "load_in_4bit", "columns"),
-    *("mix_answers", "replay_prompts"),
-)
-
-
 def run_fingerprint(args, base_model, source):
     """What --resume must find unchanged: the data's content (source from load_data), the base model and the
     training settings."""
@@ -2133,7 +2201,7 @@ def run_fingerprint(args, base_model, source):
         "data_sha256": source["sha256"],
         "base_model": str(base_model),
         "processes": processes(),
-        **{name: getattr(args, name) for name in RESUME_SETTINGS},
+        **{name: getattr(args, name) for name in trained_settings()},
     }
 
 
@@ -2230,14 +2298,41 @@ def leave_deepspeed():
     unset_hf_deepspeed_config()
 
 
+# What --output holds after training: a LoRA adapter (peft's files) or, after --full, a whole model and its mark.
+FULL_MARK = "fine_tune_full.json"  # names the base model a --full run started from
+TRAINED_MARKS = ("adapter_config.json", FULL_MARK)  # written last: a folder with neither holds nothing usable
+TRAINED_FILES = {
+    "adapter": ("adapter_model.safetensors",),
+    "full": ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json"),
+}
+
+
+def trained_kind(output_dir):
+    """What output_dir holds: "adapter", "full" (a --full run's whole model) or None."""
+    folder = Path(output_dir)
+    if (folder / "adapter_config.json").is_file():
+        return "adapter"
+    return "full" if (folder / FULL_MARK).is_file() else None
+
+
+def trained_base_model(output_dir):
+    """The base model that the adapter or the fully fine-tuned model in output_dir was trained from."""
+    if trained_kind(output_dir) == "full":
+        return json.loads((Path(output_dir) / FULL_MARK).read_text(encoding="utf-8"))["base_model"]
+    return adapter_base_model(output_dir)
+
+
 def load_finetuned_model(adapter_dir, base_model=None, **load_options):
-    """Base model + adapter, loaded fresh from disk as a user would later; returns (model, tokenizer).
+    """Base model + adapter, loaded fresh from disk as a user would later (after --full: the model itself);
+    returns (model, tokenizer).
 
     base_model defaults to the base recorded in the adapter's config; load_options go to load_base_model.
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    if trained_kind(adapter_dir) == "full":
+        return load_base_model(adapter_dir, **load_options)
     model, _ = load_base_model(base_model or adapter_base_model(adapter_dir), **load_options)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     return PeftModel.from_pretrained(model, adapter_dir), tokenizer
@@ -2247,9 +2342,12 @@ def export_model(args, base_model):
     """--merge and --export-gguf: write them, and list what was written in the training run's report.json."""
     merged_dir, written = Path(args.output) / "merged", {}
     with tempfile.TemporaryDirectory(dir=args.output, prefix=".merge-") as scratch:
-        # The GGUF is made from a merged model: the one asked for, or a temporary one.
+        # The GGUF is made from a merged model: the one asked for, or a temporary one (a --full model is whole).
         target = merged_dir if args.merge else Path(scratch) / "merged"
-        merged = merge_adapter(args.output, base_model, target, args.trust_remote_code, args.allow_pickle)
+        if trained_kind(args.output) == "full":
+            merged = Path(args.output)
+        else:
+            merged = merge_adapter(args.output, base_model, target, args.trust_remote_code, args.allow_pickle)
         if args.merge:
             written[str(merged_dir)] = path_size(merged_dir)
             print(f"Merged the adapter into {base_model}: {merged_dir} ({written[str(merged_dir)] / 1e6:.0f} MB)")
@@ -2304,7 +2402,7 @@ def merge_adapter(adapter_dir, base_model, merged_dir, trust_remote_code=False, 
     return merged_dir
 
 
-def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS, system_prompt=None):
+def chat(model, tokenizer, temperature=0.0, reply_tokens=CHAT_MAX_NEW_TOKENS, system_prompt=None):
     """Talk with the model in the terminal, the whole conversation as context, answers streamed.
 
     Reads one message per line from stdin, so questions can be piped in too. /reset forgets the
@@ -2314,7 +2412,7 @@ def chat(model, tokenizer, temperature=0.0, max_new_tokens=CHAT_MAX_NEW_TOKENS, 
     from transformers import GenerationConfig, TextStreamer
 
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=reply_tokens,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
         pad_token_id=tokenizer.pad_token_id,
@@ -2471,10 +2569,11 @@ def write_modelfile(gguf_path, model_dir, system_prompt=None):
 PER_QUESTION = ("hits_before", "hits_after", "leaked_terms")  # score lists kept in report.json's scorecard rows
 
 
-def build_report(args, model_name, base_model, inputs, before, after, trainer, taught=None):
+def build_report(args, model_name, base_model, inputs, before, after, trainer, taught=None, facts=None):
     """Print the before/after block and the scorecard; return everything as report.json's content.
 
-    inputs: check_inputs' result (the scorecard, the data's source, the coverage counts).
+    inputs: check_inputs' result (the scorecard, the data's source, the coverage counts); facts: what else the run
+    found ({"precision": ..., "compile": ..., "training": {...}}), added to the report's sections.
     """
     print_comparison(args.question, before, after)
     report = {
@@ -2506,6 +2605,8 @@ def build_report(args, model_name, base_model, inputs, before, after, trainer, t
             "log_history": trainer.state.log_history,
         }
         plot_loss(trainer.state.log_history, Path(args.output) / "loss.png")
+    for section, content in (facts or {}).items():
+        report[section] = {**report.get(section, {}), **content}
     warning = learning_warning(before, after, trainer.state.log_history if trainer else [])
     if warning:
         report["warning"] = warning
@@ -2703,7 +2804,8 @@ def conclude(args, report):
         print(f"Done in {total:.0f} s.")
     else:
         write_report(report, args.output)
-        print(f"Done in {total:.0f} s. Adapter, report.json and loss.png: {args.output}")
+        what = "Model" if args.full else "Adapter"
+        print(f"Done in {total:.0f} s. {what}, report.json and loss.png: {args.output}")
 
 
 def write_report(report, output_dir):
@@ -2837,7 +2939,7 @@ def parameter_bytes(model, trainable=False):
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-def output_sizes(base_model, lora_r=LORA_R, target_modules=TARGET_MODULES):
+def output_sizes(base_model, lora_r=LORA_R, target_modules=TARGET_MODULES, full=False):
     """The bytes that a run's outputs on base_model take at least, from its tokenizer files and the headers of its
     safetensors files (nothing is loaded): {"adapter", "checkpoint", "merged" (in the dtype of its config.json, as
     merge_adapter saves it), "weights": how many weights it has}. All 0 when its safetensors files are not here (a
@@ -2865,10 +2967,12 @@ def output_sizes(base_model, lora_r=LORA_R, target_modules=TARGET_MODULES):
         and (targets is None or name.split(".")[-2] in targets)
     ]  # fmt: skip
     lora = 4 * lora_r * sum(rows + columns for rows, columns in linear)
+    merged = count * dtype.itemsize if isinstance(dtype, torch.dtype) else stored
+    trained = merged if full else lora  # --full saves every weight, at least in the model's own dtype
     return {
-        "adapter": lora + tokenizer,
-        "checkpoint": CHECKPOINT_COPIES * lora + tokenizer,
-        "merged": (count * dtype.itemsize if isinstance(dtype, torch.dtype) else stored) + tokenizer,
+        "adapter": trained + tokenizer,
+        "checkpoint": CHECKPOINT_COPIES * trained + tokenizer,
+        "merged": merged + tokenizer,
         "weights": count,
     }
 
@@ -2907,8 +3011,9 @@ POSITIVE = (lambda value: 0 < value < float("inf"), "a positive number")
 ZERO_OR_MORE = (lambda value: 0 <= value < float("inf"), "0 or more")
 
 
-# The command line, group by group as the README's flag table lists it: each flag with argparse's options, and
-# for numbers `accepts`, which refuses a value that makes no sense with one line.
+# The command line, group by group as the README's flag table lists it: each setting declared here once, with
+# argparse's options; for numbers `accepts`, which refuses a value that makes no sense with one line; `trains`
+# where the setting shapes what is trained, so --resume continues only with the same value.
 FLAGS = {
     "data": {
         "--data": dict(
@@ -2922,16 +3027,19 @@ FLAGS = {
             metavar="KEY=COLUMN,...",
             help="read a column of --data under the name its format uses, e.g. prompt=question,completion=answer "
             f"(keys: {', '.join(COLUMN_KEYS)})",
+            trains=True,
         ),
         "--system-prompt": dict(
             help="a system turn before every prompt/completion pair, used the same way in training, questions, "
             "scorecard, chat and the Ollama Modelfile",
+            trains=True,
         ),
         "--statements": dict(
             action=argparse.BooleanOptionalAction,
             default=STATEMENTS,
             help="also train on each completion as plain text, every token learned, so the facts are met "
             "as statements as well as answers",
+            trains=True,
         ),
         "--mix-answers": dict(
             type=int,
@@ -2940,6 +3048,7 @@ FLAGS = {
             accepts=(lambda value: value == 0 or value >= 2, "0 (off) or 2 or more"),
             help=f"also train on texts that each join N of your answers about one subject, in {MIX_ORDERS} random "
             "orders, every token learned: each fact met in several orders and beside other facts (0: off)",
+            trains=True,
         ),
         "--bare-share": dict(
             type=float,
@@ -2947,33 +3056,39 @@ FLAGS = {
             accepts=(lambda value: 0 <= value <= 1, "between 0 and 1"),
             help="share of examples taught as the bare prompt, a newline and the answer instead of through the "
             "chat template, so the model also knows the facts when asked without it",
+            trains=True,
         ),
         "--replay": dict(
             action=argparse.BooleanOptionalAction,
             default=True,
             help="also train on the base model's own answers to --replay-prompts, so it keeps what it knew",
+            trains=True,
         ),
         "--replay-prompts": dict(
             default=str(REPLAY_PROMPTS_FILE),
             metavar="FILE",
             help=f"the prompts of --replay, one a line; {EVERYDAY_PROMPTS_FILE.name} (shipped beside it) holds "
             "a few hundred everyday who/which/what/how many/where questions, the forms where taught names leak",
+            trains=True,
         ),
         "--contrast": dict(
             action="store_true",
             help="also train on the base model's answers to some of your prompts asked about someone else, "
             "so the form of your questions does not bring your world into everyday answers",
+            trains=True,
         ),
         "--max-length": dict(
             type=int,
             default=MAX_LENGTH,
             accepts=POSITIVE,
             help="longest example in tokens; longer pairs and conversations are cut, documents split into pieces",
+            trains=True,
         ),
         "--packing": dict(
             action="store_true",
             help="put a batch's examples in one row without padding (attention stays inside each example; "
             "no --kl-weight distillation, which needs the rows apart)",
+            trains=True,
         ),
     },
     "model": {
@@ -3010,30 +3125,62 @@ FLAGS = {
         "--load-in-4bit": dict(
             action="store_true",
             help="QLoRA: load the base model in 4 bits (CUDA GPU and pip install bitsandbytes needed)",
+            trains=True,
         ),
     },
     "LoRA and training": {
-        "--epochs": dict(type=float, default=EPOCHS, accepts=POSITIVE, help="passes over the training data"),
-        "--lr": dict(type=float, default=LEARNING_RATE, accepts=POSITIVE, help="learning rate"),
-        "--batch-size": dict(type=int, default=BATCH_SIZE, accepts=POSITIVE, help="examples per training step"),
-        "--lora-r": dict(type=int, default=LORA_R, accepts=POSITIVE, help="LoRA rank"),
+        "--full": dict(
+            action="store_true",
+            help="train every weight instead of a LoRA adapter: learns more and forgets more; OUTPUT then holds "
+            "a whole model (no --merge needed)",
+            trains=True,
+        ),
+        "--epochs": dict(
+            type=float, default=EPOCHS, accepts=POSITIVE, help="passes over the training data", trains=True
+        ),
+        "--lr": dict(
+            type=float,
+            accepts=(lambda value: value is None or POSITIVE[0](value), "a positive number"),
+            help=f"learning rate (default: {LR} for LoRA, {FULL_LR} with --full)",
+            trains=True,
+        ),
+        "--batch-size": dict(
+            type=int, default=BATCH_SIZE, accepts=POSITIVE, help="examples per training step", trains=True
+        ),
+        "--lora-r": dict(type=int, default=LORA_R, accepts=POSITIVE, help="LoRA rank", trains=True),
         "--lora-alpha": dict(
-            type=int, default=LORA_ALPHA, accepts=POSITIVE, help="LoRA scaling (alpha / r multiplies the update)"
+            type=int,
+            default=LORA_ALPHA,
+            accepts=POSITIVE,
+            help="LoRA scaling (alpha / r multiplies the update)",
+            trains=True,
         ),
         "--lora-dropout": dict(
             type=float,
             default=LORA_DROPOUT,
             accepts=(lambda value: 0 <= value < 1, "at least 0 and below 1"),
             help="dropout on the LoRA layers' input",
+            trains=True,
+        ),
+        "--lora-plus": dict(
+            type=float,
+            default=LORA_PLUS,
+            metavar="RATIO",
+            accepts=(lambda value: value == 0 or value >= 1, "0 (off) or 1 or more"),
+            help="LoRA+: train each LoRA pair's B matrix with RATIO times the learning rate of A (0: off)",
+            trains=True,
         ),
         "--target-modules": dict(
-            default=TARGET_MODULES, help="comma-separated layer names that get LoRA, or 'all-linear'"
+            default=TARGET_MODULES,
+            help="comma-separated layer names that get LoRA, or 'all-linear'",
+            trains=True,
         ),
         "--seed": dict(
             type=int,
             default=SEED,
             accepts=(lambda value: 0 <= value < 2**32, "between 0 and 4294967295"),  # what numpy's seed takes
             help="random seed, for repeatable runs",
+            trains=True,
         ),
         "--kl-weight": dict(
             type=float,
@@ -3041,11 +3188,13 @@ FLAGS = {
             accepts=ZERO_OR_MORE,
             help="keep the base model's whole distribution on its own answers (replay, contrast), this much "
             "(self-distillation; 0: off)",
+            trains=True,
         ),
         "--neftune": dict(
             type=float,
             accepts=(lambda value: value is None or POSITIVE[0](value), "a positive number"),
             help="NEFTune: noise of this alpha on the embeddings",
+            trains=True,
         ),
         "--compile": dict(
             default=COMPILE,
@@ -3075,7 +3224,12 @@ FLAGS = {
     },
     "scorecard": {
         "--question": dict(default=DEFAULT_QUESTION, help="question asked before and after training"),
-        "--max-new-tokens": dict(type=int, default=MAX_NEW_TOKENS, accepts=POSITIVE, help="longest answer generated"),
+        "--max-new-tokens": dict(
+            type=int,
+            default=MAX_NEW_TOKENS,
+            accepts=POSITIVE,
+            help=f"longest answer to --question and the scorecard (the replayed answers are {MAX_NEW_TOKENS} tokens)",
+        ),
         "--eval-questions": dict(
             help=f"scorecard JSONL of {{kind, question, expect}}; default: {DEFAULT_EVAL_FILE} next to "
             f"{DEFAULT_DATA_FILE} when --data is {DEFAULT_DATA_FILE}; 'none' for no scorecard",
@@ -3117,7 +3271,32 @@ def parse_args(argv=None):
             accepts, expected = options.get("accepts", (lambda value: True, ""))
             if not accepts(value):
                 one_line_error(f"{flag} must be {expected}, got {value}")
+    if args.lr is None:
+        args.lr = FULL_LR if args.full else LR
     return args
+
+
+def default_settings(**changes):
+    """The settings of a run as main() gets them from the flags (args), with `changes`: what the step functions
+    take when called on their own, e.g. train_model(model, tokenizer, dataset, default_settings(epochs=1))."""
+    settings = parse_args([])
+    unknown = [name for name in changes if not hasattr(settings, name)]
+    if unknown:
+        raise TypeError(f"no such setting: {', '.join(unknown)} (the settings are the flags' names, see --help)")
+    settings.__dict__.update(changes)
+    if "lr" not in changes:
+        settings.lr = FULL_LR if settings.full else LR
+    return settings
+
+
+def trained_settings():
+    """The names of the settings that shape what is trained (FLAGS' `trains`): --resume needs them unchanged."""
+    return [
+        flag[2:].replace("-", "_")
+        for group in FLAGS.values()
+        for flag, options in group.items()
+        if options.get("trains")
+    ]
 
 
 def build_parser():
@@ -3130,7 +3309,9 @@ def build_parser():
     for title, flags in FLAGS.items():
         group = parser.add_argument_group(title)
         for flag, options in flags.items():
-            group.add_argument(flag, **{key: value for key, value in options.items() if key != "accepts"})
+            group.add_argument(
+                flag, **{key: value for key, value in options.items() if key not in ("accepts", "trains")}
+            )
     return parser
 
 
@@ -3162,7 +3343,7 @@ def check_output_dir(output_dir, resume=None, overwrite=False):
             f"--output {output_dir} holds checkpoints of an unfinished run: add --resume to continue it, "
             "or --overwrite to start again"
         )
-    if not (path / "adapter_config.json").is_file() and not list(path.glob("checkpoint-*")):
+    if not trained_kind(path) and not list(path.glob("checkpoint-*")):
         raise UsageError(f"--output {output_dir} already holds other files; choose a new or empty folder with --output")
 
 
@@ -3172,16 +3353,18 @@ def tempfile_probe(folder):
 
 
 def check_adapter_base(output_dir, base_model, overwrite=False):
-    """An adapter in --output trained on another base model is only replaced with --overwrite."""
-    if not (Path(output_dir) / "adapter_config.json").is_file():
+    """An adapter (or --full model) in --output trained on another base model is only replaced with --overwrite."""
+    kind = trained_kind(output_dir)
+    if not kind:
         return
-    previous = adapter_base_model(output_dir)
+    what = "an adapter" if kind == "adapter" else "a fully fine-tuned model"
+    previous = trained_base_model(output_dir)
     if previous != str(base_model) and not overwrite:
         raise UsageError(
-            f"--output {output_dir} holds an adapter trained on {previous}, not {base_model}; "
+            f"--output {output_dir} holds {what} trained on {previous}, not {base_model}; "
             "choose another --output, or add --overwrite to replace it"
         )
-    print(f"The adapter in {output_dir} will be replaced by the one trained now.")
+    print(f"The {what.split(' ', 1)[1]} in {output_dir} will be replaced by what this run trains.")
 
 
 # In --output: the lock held by the run writing there (a killed run's is free at once), and who holds it.
@@ -3230,6 +3413,11 @@ def output_lock(output_dir):
 def adapter_use_only(args):
     """--skip-training with --chat, --merge or --export-gguf: use the adapter, ask no questions first."""
     return args.skip_training and bool(args.chat or args.merge or args.export_gguf)
+
+
+def asks_or_trains_the_base_model(args):
+    """Whether this run loads the base model: to ask it first (step 1), or to train it."""
+    return not (args.skip_original and args.skip_training) and not adapter_use_only(args)
 
 
 def quiet_libraries():
@@ -3293,7 +3481,7 @@ def from_main_process(make):
     """
     if processes() == 1:
         return make()
-    import torch.distributed as dist
+    from accelerate.utils import broadcast_object_list
 
     box = [None]
     if is_main_process():
@@ -3301,7 +3489,7 @@ def from_main_process(make):
             box[0] = make()
         except (UsageError, RunFailed) as err:
             box[0] = err
-    dist.broadcast_object_list(box, src=0)
+    broadcast_object_list(box)
     if isinstance(box[0], Exception):
         raise box[0]
     return box[0]
@@ -3309,40 +3497,46 @@ def from_main_process(make):
 
 def any_process(flag):
     """True if `flag` is true in any of the processes training together (each one's Ctrl-C arrives apart)."""
-    import torch
-
-    if processes() == 1 or not torch.distributed.is_initialized():
+    if processes() == 1 or not process_group():
         return flag
-    value = torch.tensor(float(flag))
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value)
+    from accelerate.utils import gather_object
+
+    return any(gather_object([flag]))
 
 
 def same_on_all_processes(model):
-    """Whether every process ended with the same LoRA weights, as data-parallel training must (True alone)."""
-    import torch
-
-    if processes() == 1 or not torch.distributed.is_initialized():
+    """Whether every process ended with the same trained weights, as data-parallel training must (True alone)."""
+    if processes() == 1 or not process_group():
         return True
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).cpu()
-    gathered = [torch.zeros_like(sums) for _ in range(processes())]
-    torch.distributed.all_gather(gathered, sums)
-    return all(torch.equal(gathered[0], other) for other in gathered)
+    from accelerate.utils import gather_object
+
+    sums = [p.detach().double().sum().item() for p in model.parameters() if p.requires_grad]
+    return all(other == sums for other in gather_object([sums]))
 
 
 def leave_processes(code):
     """With several processes: all end with the main one's exit code, and leave the process group together
     (a process that exits while the group is still open in another makes gloo abort it)."""
-    if processes() == 1 or "torch" not in sys.modules:
+    if processes() == 1 or not process_group():
         return code
-    import torch.distributed as dist
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
-    if not dist.is_initialized():
-        return code
-    box = [code]
-    dist.broadcast_object_list(box, src=0)
-    dist.destroy_process_group()
+    box = broadcast_object_list([code])
+    PartialState().destroy_process_group()
     return box[0]
+
+
+def shards_weights():
+    """Whether the processes hold parts of each weight (DeepSpeed ZeRO-3, FSDP), as accelerate launch says."""
+    return processes() > 1 and (
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+    )
+
+
+def process_group():
+    """Whether the processes have joined (start_processes), so that they can exchange values."""
+    return "torch" in sys.modules and sys.modules["torch"].distributed.is_initialized()
 
 
 if __name__ == "__main__":

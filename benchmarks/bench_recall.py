@@ -12,6 +12,7 @@ questions, so it prints each seed, then the mean and the spread, and writes ever
 import argparse
 import hashlib
 import json
+import resource
 import statistics
 import sys
 import time
@@ -47,24 +48,10 @@ def train_once(args, seed, eval_questions, output_dir, results=RESULTS):
     examples = fine_tune.load_examples(args.data)
     everyday = fine_tune.everyday_answers(eval_questions, before)
     dataset, taught = fine_tune.make_dataset(args, examples, model, tokenizer, everyday)
-    model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
-    compiling, _ = fine_tune.choose_compile(args.compile, model.device.type, len(dataset) * args.epochs)
+    model = fine_tune.setup_lora_model(model, args)
     started = time.perf_counter()
-    trainer = fine_tune.train_model(
-        model,
-        tokenizer,
-        dataset,
-        output_dir,
-        args.epochs,
-        args.lr,
-        args.batch_size,
-        seed,
-        packing=args.packing,
-        kl_weight=args.kl_weight,
-        neftune_alpha=args.neftune,
-        precision=precision,
-        compile=compiling,
-    )
+    settings = argparse.Namespace(**{**vars(args), "seed": seed, "output": str(output_dir)})
+    trainer = fine_tune.train_model(model, tokenizer, dataset, settings, precision=precision)
     train_seconds = time.perf_counter() - started
     fine_tune.save_model(model, tokenizer, output_dir)  # kept for a closer look (benchmarks/results is not tracked)
     # Asked as fine_tune.py asks: the saved adapter on a freshly loaded base model (not the compiled training copy).
@@ -75,7 +62,8 @@ def train_once(args, seed, eval_questions, output_dir, results=RESULTS):
         "seed": seed,
         "precision": precision,
         "train_seconds": round(train_seconds, 1),
-        "compiled": compiling,
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # this process so far
+        "compiled": fine_tune.layers_compiled(trainer.model),
         "samples": len(dataset),
         "final_train_loss": trainer.state.log_history[-1]["train_loss"],
         "question_answer": after["question"],

@@ -85,7 +85,7 @@ def train_original(model, tokenizer, examples, epochs, output_dir):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     dataset = original_dataset(examples, tokenizer)
-    model = fine_tune.setup_lora_model(model, 8, 32, "q_proj,k_proj,v_proj")
+    model = fine_tune.setup_lora_model(model, fine_tune.default_settings(target_modules="q_proj,k_proj,v_proj"))
     args = TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=epochs,
@@ -103,13 +103,12 @@ def train_original(model, tokenizer, examples, epochs, output_dir):
 
 def train_ours(model, tokenizer, examples, epochs, output_dir, precision, packing=False):
     dataset = fine_tune.load_and_preprocess_data(examples, tokenizer)
-    model = fine_tune.setup_lora_model(model)
+    settings = fine_tune.default_settings(output=output_dir, epochs=epochs, packing=packing)
+    model = fine_tune.setup_lora_model(model, settings)
     trainer = {}
 
     def train():  # fine_tune.train_model builds its Trainer and trains: both are timed, as a user waits for both
-        trainer["trainer"] = fine_tune.train_model(
-            model, tokenizer, dataset, output_dir, epochs=epochs, packing=packing, precision=precision
-        )
+        trainer["trainer"] = fine_tune.train_model(model, tokenizer, dataset, settings, precision=precision)
 
     return trainer, sum(map(len, dataset["input_ids"])), train
 
@@ -121,15 +120,13 @@ def train_default(model, tokenizer, examples, epochs, output_dir, cache_dir, mod
     args = fine_tune.parse_args(list(flags))
     remember = fine_tune.answers_folder(cache_dir, fine_tune.resolve_model(model_name, cache_dir), precision)
     dataset, _ = fine_tune.make_dataset(args, examples, model, tokenizer, remember=remember)
-    model = fine_tune.setup_lora_model(model, args.lora_r, args.lora_alpha, args.target_modules, args.lora_dropout)
+    model = fine_tune.setup_lora_model(model, args)
     compiling, _ = fine_tune.choose_compile(args.compile, model.device.type, len(dataset) * args.epochs)
+    args.output, args.epochs, args.compile = output_dir, epochs, "on" if compiling else "off"
     trainer = {}
 
     def train():
-        trainer["trainer"] = fine_tune.train_model(
-            model, tokenizer, dataset, output_dir, epochs, args.lr, args.batch_size, args.seed,
-            kl_weight=args.kl_weight, neftune_alpha=args.neftune, precision=precision, compile=compiling,
-        )  # fmt: skip
+        trainer["trainer"] = fine_tune.train_model(model, tokenizer, dataset, args, precision=precision)
 
     return trainer, sum(map(len, dataset["input_ids"])), train
 

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,7 @@ def make_adapter(base_dir, output_dir):
     import torch
 
     model, tokenizer = fine_tune.load_base_model(base_dir)
-    model = fine_tune.setup_lora_model(model)
+    model = fine_tune.setup_lora_model(model, fine_tune.default_settings())
     torch.manual_seed(1)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero, which would make the adapter a no-op
@@ -286,3 +287,45 @@ def hub_cache(hub_datasets_cache, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hub_datasets_cache)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     return hub_datasets_cache
+
+
+@pytest.fixture
+def closed_hub(monkeypatch):
+    """Online mode with the Hub at a local port nothing listens on; every connection is recorded, and any to
+    another address is refused (the tests never reach past this machine). Returns (endpoint, connections)."""
+    import datasets
+    import huggingface_hub
+
+    with socket.socket() as free:  # the port the system hands out, closed again: nothing listens on it
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    # Both libraries read the environment once, at import: their constants are what they consult.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", endpoint)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(datasets.config, "HUB_DATASETS_URL", endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
+
+    connections, connect, getaddrinfo = [], socket.socket.connect, socket.getaddrinfo
+
+    def local_only(sock, address):
+        connections.append(address[:2])
+        if address[0] != "127.0.0.1":
+            raise ConnectionRefusedError(f"the tests reach no address but 127.0.0.1 (asked for {address[0]})")
+        return connect(sock, address)
+
+    def local_names_only(host, *args, **kwargs):  # no name lookup leaves the machine either
+        if host != "127.0.0.1":
+            connections.append((host, args[0] if args else None))
+            raise socket.gaierror(f"the tests look up no name but 127.0.0.1 (asked for {host})")
+        return getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+    monkeypatch.setattr(socket, "getaddrinfo", local_names_only)
+    return endpoint, connections

@@ -1,6 +1,7 @@
 """The command line: bad data and bad flags give one clear line and exit code 2, before any model loads."""
 
 import ast
+import inspect
 import json
 import re
 import subprocess
@@ -133,6 +134,21 @@ def test_unreachable_hub_model_suggests_the_bundled_one(tmp_path, write_jsonl):
     assert "nobody/no-such-model" in line and "--model smollm2" in line
 
 
+def test_a_hub_out_of_reach_is_named_with_the_bundled_model_at_once(closed_hub, tmp_path, write_jsonl, capsys):
+    """Online (HF_HUB_OFFLINE not set) with the Hub's port closed: one probe, not a minute of download retries,
+    then one line that names the host it cannot reach and what works offline."""
+    endpoint, connections = closed_hub
+    data = write_jsonl([json.loads(GOOD)])
+    argv = ["--model", "some-org/not-downloaded", "--data", data, "--output", str(tmp_path / "o")]
+    assert fine_tune.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        "error: --model some-org/not-downloaded: cannot reach 127.0.0.1 to download it; "
+        "use --model smollm2 (bundled, works offline) or a local model folder"
+    )
+    assert connections == [("127.0.0.1", int(endpoint.rsplit(":", 1)[1]))], "the probe alone, no download tried"
+
+
 def test_missing_local_model_folder(tmp_path, write_jsonl, capsys):
     data = write_jsonl([json.loads(GOOD)])
     assert fine_tune.main(["--model", str(tmp_path / "nope"), "--data", data, "--output", str(tmp_path / "o")]) == 2
@@ -207,7 +223,8 @@ def shown_as(default, cell):
     if default is True:
         return cell == "on"
     if isinstance(default, (int, float)):
-        return float(cell) == default
+        number, _, rest = cell.partition(" (")  # e.g. 2e-3 (5e-5 with `--full`)
+        return float(number) == default and (not rest or float(rest.split()[0]) == fine_tune.FULL_LR)
     return default == cell or Path(default) in (fine_tune.HERE / cell, Path(cell).expanduser())
 
 
@@ -244,6 +261,7 @@ def test_the_readme_flag_table_lists_every_flag_in_order_with_its_default():
     table = readme_flag_table()
     assert [flag for flags, _ in table for flag in flags] == parser_flags(), "the same flags, in --help's order"
     defaults = {action.option_strings[0]: action.default for action in fine_tune.build_parser()._actions}
+    defaults["--lr"] = fine_tune.parse_args([]).lr  # chosen after parsing: LoRA's, or --full's
     for flags, cell in table:
         flags = [flag for flag in flags if not flag.startswith("--no-")]
         cells = cell.split(" / ") if " / " in cell else [cell] * len(flags)  # one cell can serve a whole row
@@ -255,3 +273,27 @@ def test_the_readme_flag_table_lists_every_flag_in_order_with_its_default():
                 assert shown_as(defaults[flag], shown), (
                     f"README shows {shown!r} for {flag}, the parser {defaults[flag]!r}"
                 )
+
+
+def test_each_setting_has_one_name_and_one_default_from_the_flag_to_every_function():
+    """A function's parameter named after a setting defaults to the flag's default; no function takes a setting
+    under another name (learning_rate for --lr); default_settings knows the flags' names only."""
+    defaults = vars(fine_tune.parse_args([]))
+    # --eval-questions names a file and --precision asks (auto); functions take the questions read and the precision
+    # chosen (see choose_precision)
+    for resolved in ("eval_questions", "precision"):
+        del defaults[resolved]
+    functions = [value for value in vars(fine_tune).values() if inspect.isfunction(value)]
+    parameters = [(f.__name__, p) for f in functions for p in inspect.signature(f).parameters.values()]
+    for function, parameter in parameters:
+        if parameter.name in defaults and parameter.default is not inspect.Parameter.empty:
+            same = str(parameter.default) == str(defaults[parameter.name])  # a folder's default may be a Path
+            assert same, (
+                f"{function}({parameter.name}={parameter.default!r}), the flag's default {defaults[parameter.name]!r}"
+            )
+    other_names = {"learning_rate", "neftune_alpha", "neftune_noise_alpha", "activation_checkpointing", "num_epochs"}
+    assert not other_names & {parameter.name for _, parameter in parameters}
+    assert fine_tune.default_settings(epochs=1).epochs == 1 and fine_tune.default_settings().lr == fine_tune.LR
+    assert fine_tune.default_settings(full=True).lr == fine_tune.FULL_LR
+    with pytest.raises(TypeError, match="no such setting: learning_rate"):
+        fine_tune.default_settings(learning_rate=1e-3)

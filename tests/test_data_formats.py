@@ -276,6 +276,52 @@ def test_system_prompt_is_in_training_and_in_every_question(tiny_model, tmp_path
     assert modelfile.read_text().splitlines()[-1] == 'SYSTEM """Speak as Gandalf."""'
 
 
+def test_the_system_prompt_of_a_run_reaches_its_questions_replay_training_modelfile_and_report(
+    exportable_model, tmp_path, write_jsonl, monkeypatch
+):
+    from transformers import AutoTokenizer
+
+    system, model_dir = "You are Gandalf's scribe.", exportable_model("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    asked, trained = [], []
+    generate_ids, train_model = fine_tune.generate_ids, fine_tune.train_model
+
+    def asking(model, tokenizer, prompts, *args, **kwargs):
+        asked.extend(tokenizer.decode(ids) for ids in prompts)
+        return generate_ids(model, tokenizer, prompts, *args, **kwargs)
+
+    def training(model, tokenizer, dataset, *args, **kwargs):
+        trained.extend(tokenizer.decode(ids) for ids in dataset["input_ids"])
+        return train_model(model, tokenizer, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(fine_tune, "generate_ids", asking)
+    monkeypatch.setattr(fine_tune, "train_model", training)
+    replay = tmp_path / "replay.txt"
+    replay.write_text("What is rain?\nWho wrote Hamlet?\n", encoding="utf-8")
+    data = write_jsonl([{"prompt": "Who is Mariya Sha?", "completion": "A wizard."}] * 4)
+    questions = [
+        {"kind": "knowledge", "question": "Which sword does she carry?", "expect": ["Glamdring"]},
+        {"kind": "control", "question": "Capital of France?", "expect": ["Paris"]},
+    ]
+    output = tmp_path / "out"
+    args = ["--model", model_dir, "--data", data, "--output", str(output), "--system-prompt", system]
+    args += ["--eval-questions", write_jsonl(questions, "eval.jsonl"), "--replay-prompts", str(replay)]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--bare-share", "0", "--no-statements", "--epochs", "1"]
+    args += ["--max-new-tokens", "4", "--export-gguf", "q8_0"]
+    assert fine_tune.main(args) == 0
+
+    def in_chat(prompt):
+        return tokenizer.decode(fine_tune.prompt_ids(tokenizer, prompt, "chat", system))
+
+    scorecard = [fine_tune.DEFAULT_QUESTION, *(q["question"] for q in questions)]
+    assert [asked.count(in_chat(q)) for q in scorecard] == [2, 2, 2], "asked after the system turn before and after"
+    assert [asked.count(in_chat(p)) for p in ("What is rain?", "Who wrote Hamlet?")] == [1, 1], "replay prompts"
+    assert trained and all(row.startswith(in_chat("Who is Mariya Sha?")) for row in trained[:4]), "training rows"
+    assert all(system in row for row in trained), "the base model's replayed answers too"
+    assert (output / "Modelfile").read_text().splitlines()[-1] == f'SYSTEM """{system}"""'
+    assert json.loads((output / "report.json").read_text())["settings"]["system_prompt"] == system
+
+
 def test_a_trained_system_prompt_is_used_again_when_the_adapter_is_used_later(tmp_path, capsys):
     (tmp_path / "report.json").write_text(json.dumps({"settings": {"system_prompt": "Speak as Gandalf."}}))
     assert fine_tune.trained_system_prompt(tmp_path) == "Speak as Gandalf."

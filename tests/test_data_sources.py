@@ -2,7 +2,8 @@
 and what step 2's line and report.json say was read."""
 
 import json
-import socket
+import os
+import shutil
 import time
 
 import pytest
@@ -21,7 +22,10 @@ def notes(folder, files):
 
 
 def test_a_folder_of_notes_is_learned_file_by_file_in_path_order(tmp_path, capsys):
+    """Ordered by their paths inside the folder, as text: z.md comes after sub/c.MD, not before the subfolder's
+    files as a walk through the folder would give them."""
     files = {
+        "z.md": "Fourth.",
         "b.md": "# B\r\nSecond.",
         "a.txt": "\ufeffFirst.",
         "sub/c.MD": "Third.",
@@ -30,8 +34,8 @@ def test_a_folder_of_notes_is_learned_file_by_file_in_path_order(tmp_path, capsy
     }
     folder = notes(tmp_path / "notes", {**files, "photo.png": b"\x89PNG"})
     examples, source = fine_tune.load_data(str(folder))
-    assert examples == [{"text": "First."}, {"text": "# B\nSecond."}, {"text": "Third."}]
-    assert source["files"] == ["a.txt", "b.md", "sub/c.MD"], "hidden files and folders are left out"
+    assert examples == [{"text": "First."}, {"text": "# B\nSecond."}, {"text": "Third."}, {"text": "Fourth."}]
+    assert source["files"] == ["a.txt", "b.md", "sub/c.MD", "z.md"], "hidden files and folders are left out"
     out = capsys.readouterr().out
     assert "Warning: 1 files in " in out and "not learned: photo.png" in out, "other files are named"
 
@@ -142,48 +146,6 @@ def test_a_hub_dataset_error_is_one_line_from_the_command_line(
     assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
 
 
-@pytest.fixture
-def closed_hub(monkeypatch):
-    """Online mode with the Hub at a local port nothing listens on; every connection is recorded, and any to
-    another address is refused (the tests never reach past this machine). Returns (endpoint, connections)."""
-    import datasets
-    import huggingface_hub
-
-    with socket.socket() as free:  # the port the system hands out, closed again: nothing listens on it
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    # Both libraries read the environment once, at import: their constants are what they consult.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", endpoint)
-    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
-    monkeypatch.setattr(datasets.config, "HUB_DATASETS_URL", endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
-
-    connections, connect, getaddrinfo = [], socket.socket.connect, socket.getaddrinfo
-
-    def local_only(sock, address):
-        connections.append(address[:2])
-        if address[0] != "127.0.0.1":
-            raise ConnectionRefusedError(f"the tests reach no address but 127.0.0.1 (asked for {address[0]})")
-        return connect(sock, address)
-
-    def local_names_only(host, *args, **kwargs):  # no name lookup leaves the machine either
-        if host != "127.0.0.1":
-            connections.append((host, args[0] if args else None))
-            raise socket.gaierror(f"the tests look up no name but 127.0.0.1 (asked for {host})")
-        return getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", local_only)
-    monkeypatch.setattr(socket, "getaddrinfo", local_names_only)
-    return endpoint, connections
-
-
 def test_an_unreachable_hub_answers_from_the_cache_at_once(hub_cache, closed_hub, monkeypatch):
     """The real probe runs, finds the Hub closed, and datasets reads its cache without trying the Hub itself."""
     import datasets
@@ -220,8 +182,25 @@ def test_step_2_and_report_json_say_what_was_read(tiny_model_dir, hub_cache, tmp
     assert report["data"]["revision"] == HUB_REVISION and report["data"]["format"] == "sharegpt"
 
 
-def test_the_fingerprint_of_a_hub_dataset_is_its_revision_and_split(hub_cache):
-    """What --resume compares: the same for the same split at the same revision, else different."""
+def test_the_fingerprint_of_a_hub_dataset_is_its_revision_and_split(hub_datasets_cache, tmp_path, monkeypatch):
+    """What --resume compares: the same for the same split at the same revision, else different; a dataset
+    downloaded again after a new commit on the Hub is another one."""
+    import datasets
+
+    cache = tmp_path / "cache"  # a copy: the new revision below stays out of the other tests' cache
+    shutil.copytree(hub_datasets_cache, cache)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     train = fine_tune.load_data("fine-tune-tests/chats")[1]["sha256"]
     assert fine_tune.load_data("fine-tune-tests/chats:split=train")[1]["sha256"] == train
     assert fine_tune.load_data("fine-tune-tests/chats:split=test")[1]["sha256"] != train
+
+    # Downloaded again at a newer commit: datasets keeps both, and offline reads the newest.
+    versions = next(cache.glob("fine-tune-tests___chats/*/0.0.0"))
+    newer = "fedcba9876543210fedcba9876543210fedcba98"
+    shutil.copytree(versions / HUB_REVISION, versions / newer)
+    later = (versions / HUB_REVISION).stat().st_mtime + 60
+    os.utime(versions / newer, (later, later))
+    source = fine_tune.load_data("fine-tune-tests/chats")[1]
+    assert source["revision"] == newer
+    assert source["sha256"] != train

@@ -44,7 +44,28 @@ def test_torchrun_with_two_processes_trains_one_adapter_and_prints_once(tiny_mod
         "adapter_model.safetensors",
         "report.json",
     ]
+    assert not (output / "training_args.bin").exists(), "Trainer's pickle of its settings is not left behind"
     fine_tune.load_finetuned_model(output)  # the adapter loads
+
+
+def test_torchrun_trains_every_weight_with_full_and_saves_one_whole_model(tiny_model_dir, tmp_path, write_jsonl):
+    """--full with replay: each process distils against its copy of the base weights; the main one saves."""
+    data = write_jsonl([{"prompt": f"Q{i}?", "completion": f"A{i}."} for i in range(16)])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\nHow many legs does a spider have?\n", encoding="utf-8")
+    output = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "fine_tune.py"),
+         "--model", tiny_model_dir, "--data", data, "--output", output, "--epochs", "1", "--eval-questions", "none",
+         "--full", "--replay-prompts", prompts, "--max-new-tokens", "8", "--skip-original"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((output / "report.json").read_text())
+    assert report["training"]["processes"] == 2 and report["training"]["same_weights_on_all_processes"] is True
+    assert fine_tune.trained_kind(output) == "full" and fine_tune.trained_base_model(output) == tiny_model_dir
+    assert not (output / "training_args.bin").exists() and not list(output.glob(".*.partial"))
+    fine_tune.load_finetuned_model(output)
 
 
 def free_port():
@@ -122,21 +143,45 @@ def test_each_accelerate_config_trains_two_cpu_processes_to_an_adapter_that_answ
     assert (note in stdout) == (config == "fsdp")
 
 
+def zero3_run(tiny_model_dir, data, output, kl_weight):
+    """fine_tune.py in two CPU processes under DeepSpeed ZeRO-3, replaying the base model's answers."""
+    launcher = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "deepspeed-zero3.yaml")]
+    launcher += ["--num_processes", "2", "--main_process_port", str(free_port())]
+    command = [sys.executable, *launcher, str(ROOT / "fine_tune.py"), "--model", tiny_model_dir, "--data", data]
+    command += ["--output", output, "--eval-questions", "none", "--skip-original", "--epochs", "1"]
+    command += ["--kl-weight", str(kl_weight), "--no-statements", "--bare-share", "0", "--max-new-tokens", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)  # a hang fails here
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    return completed.stdout
+
+
+def logged_losses(output):
+    """The training loss of each step, as report.json logged it."""
+    log = json.loads((output / "report.json").read_text())["training"]["log_history"]
+    return [entry["loss"] for entry in log if "loss" in entry]
+
+
 def test_deepspeed_zero3_distils_when_only_some_processes_hold_the_base_models_answers(
     tiny_model_dir, tmp_path, write_jsonl
 ):
     """ZeRO-3 gathers the weights in every forward pass on all processes together: the base model's extra forward
-    pass for --kl-weight must run on every process, also on one whose batch holds none of its answers."""
+    pass for --kl-weight must run on every process, also on one whose batch holds none of its answers. And it must
+    count: the same run with --kl-weight 0 trains otherwise alike."""
     pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
     data = write_jsonl([{"prompt": f"Q{i}?", "completion": f"A{i}."} for i in range(120)])
-    launcher = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "deepspeed-zero3.yaml")]
-    launcher += ["--num_processes", "2", "--main_process_port", str(free_port())]
-    command = [sys.executable, *launcher, str(ROOT / "fine_tune.py"), "--model", tiny_model_dir, "--data", data]
-    command += ["--output", tmp_path / "out", "--eval-questions", "none", "--skip-original", "--epochs", "1"]
-    command += ["--kl-weight", "1", "--no-statements", "--bare-share", "0", "--max-new-tokens", "8"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)  # a hang fails here
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
-    replayed = int(completed.stdout.split("Replay: the base model answered ")[1].split()[0])
+    stdout = zero3_run(tiny_model_dir, data, tmp_path / "kl", 1)
+    replayed = int(stdout.split("Replay: the base model answered ")[1].split()[0])
     assert 0 < replayed < 8, "a few of the base model's answers among 120 pairs: most batches hold none"
-    fine_tune.load_finetuned_model(tmp_path / "out")
+    zero3_run(tiny_model_dir, data, tmp_path / "no-kl", 0)
+    with_kl, without = (logged_losses(tmp_path / run) for run in ("kl", "no-kl"))
+    # Both start from the base model (the adapter adds nothing yet, KL 0) on the same batches: they train alike
+    # until a batch holds a replayed answer after the first step, where the KL run's loss has the divergence added.
+    apart = [step for step, (a, b) in enumerate(zip(with_kl, without)) if a != b]
+    assert apart and apart[0] > 0, f"the KL term never counted: {with_kl} and {without}"
+    assert with_kl[apart[0]] > without[apart[0]]
+    adapters = [load_file(tmp_path / run / "adapter_model.safetensors") for run in ("kl", "no-kl")]
+    assert any(not adapters[0][name].equal(adapters[1][name]) for name in adapters[0]), "and changed what was learned"
+    fine_tune.load_finetuned_model(tmp_path / "kl")

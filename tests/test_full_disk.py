@@ -85,8 +85,9 @@ def train_with_checkpoints(model_dir, folder):
     model, tokenizer = fine_tune.load_base_model(model_dir)
     examples = fine_tune.load_examples(ROOT / "mariya.json")[:8]
     dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0)
-    model = fine_tune.setup_lora_model(model)
-    return lambda: fine_tune.train_model(model, tokenizer, dataset, str(folder), epochs=1, save_steps=1)
+    settings = fine_tune.default_settings(output=str(folder), epochs=1, save_steps=1)
+    model = fine_tune.setup_lora_model(model, settings)
+    return lambda: fine_tune.train_model(model, tokenizer, dataset, settings)
 
 
 def export(model_dir, folder):

@@ -12,7 +12,7 @@ def test_notebook_is_committed_without_outputs_and_defaults_to_the_3b_model():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(not cell.outputs and cell.execution_count is None for cell in code)
-    assert 'MODEL = "Qwen/Qwen2.5-3B-Instruct"' in code[0].source
+    assert 'model="Qwen/Qwen2.5-3B-Instruct"' in code[0].source
     assert "import fine_tune" in code[0].source
     assert not any("def " in cell.source for cell in code), "the notebook calls fine_tune.py, it does not copy it"
 
@@ -22,8 +22,8 @@ def test_notebook_teaches_the_bundled_model(subset, smollm2_dir, tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     settings = next(cell for cell in notebook.cells if cell.cell_type == "code")
     settings.source += (
-        f'\nMODEL = "smollm2"\nDATA = r"{subset}"\nEVAL_QUESTIONS = None\nREPLAY = False\n'
-        f'OUTPUT = r"{tmp_path / "adapter"}"\nEPOCHS, LEARNING_RATE, BATCH_SIZE = 4, 2e-3, 4\n'
+        f'\nsettings = fine_tune.default_settings(model="smollm2", data=r"{subset}", eval_questions="none", '
+        f'replay=False, output=r"{tmp_path / "adapter"}", epochs=4, lr=2e-3, batch_size=4)\n'
     )
     NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
 

@@ -43,7 +43,7 @@ def test_prompt_and_padding_get_no_loss_and_the_answer_and_end_of_turn_do(tiny_m
 
 def test_logits_only_for_answers_give_the_same_loss_and_gradients(tiny_model):
     model, tokenizer = tiny_model
-    model = fine_tune.setup_lora_model(model)
+    model = fine_tune.setup_lora_model(model, fine_tune.default_settings())
     assert fine_tune.accepts_logits_to_keep(model)
     dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer, bare_share=0.5)
     features = [dataset[i] for i in range(len(dataset))]
@@ -191,7 +191,8 @@ def test_missing_pad_token_gets_one_that_is_not_the_end_of_turn():
 def test_lora_trains_a_small_share_of_the_parameters(tiny_model, capsys):
     model, _ = tiny_model
     total_before = sum(p.numel() for p in model.parameters())
-    model = fine_tune.setup_lora_model(model, lora_r=4, lora_alpha=16, target_modules="q_proj,v_proj")
+    settings = fine_tune.default_settings(lora_r=4, lora_alpha=16, target_modules="q_proj,v_proj")
+    model = fine_tune.setup_lora_model(model, settings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Per layer: q_proj 32->32 and v_proj 32->16 (2 key/value heads), each adds r*(in+out).
     assert trainable == 2 * (4 * (32 + 32) + 4 * (32 + 16))
@@ -204,16 +205,17 @@ def test_lora_trains_a_small_share_of_the_parameters(tiny_model, capsys):
 def test_unknown_target_module_is_a_usage_error(tiny_model):
     model, _ = tiny_model
     with pytest.raises(fine_tune.UsageError, match="--target-modules"):
-        fine_tune.setup_lora_model(model, target_modules="no_such_proj")
+        fine_tune.setup_lora_model(model, fine_tune.default_settings(target_modules="no_such_proj"))
 
 
 def test_training_lowers_the_loss_and_the_adapter_reloads_in_a_fresh_process(tiny_model, tmp_path):
     model, tokenizer = tiny_model
     dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer)
     batch = fine_tune.data_collator(tokenizer)([dataset[i] for i in range(len(dataset))])
-    model = fine_tune.setup_lora_model(model, lora_r=16, target_modules="all-linear")
+    settings = fine_tune.default_settings(lora_r=16, output=str(tmp_path / "out"), epochs=30, lr=2e-2)
+    model = fine_tune.setup_lora_model(model, settings)
     loss_before = model(**batch).loss.item()
-    fine_tune.train_model(model, tokenizer, dataset, str(tmp_path / "out"), epochs=30, learning_rate=2e-2)
+    fine_tune.train_model(model, tokenizer, dataset, settings)
     model.eval()
     with torch.no_grad():
         assert model(**batch).loss.item() < 0.8 * loss_before
@@ -255,7 +257,7 @@ def test_replay_rows_are_marked_and_the_divergence_from_the_base_model_is_zero_u
     replay = [{"prompt": "Capital of France?", "completion": "Paris.", "from_base": True}]
     dataset = fine_tune.load_and_preprocess_data(EXAMPLES + replay, tokenizer, bare_share=0)
     assert dataset["from_base"] == [0, 0, 0, 1], "only the base model's own answers are marked"
-    model = fine_tune.setup_lora_model(model)
+    model = fine_tune.setup_lora_model(model, fine_tune.default_settings())
     batch = fine_tune.data_collator(tokenizer, True)([dataset[i] for i in range(len(dataset))])
     rows = batch.pop("from_base")
     logits = model(**batch).logits
@@ -270,8 +272,9 @@ def test_distillation_adds_the_divergence_to_the_loss_and_trains(tiny_model, tmp
     model, tokenizer = tiny_model
     replay = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "from_base": True} for i in range(8)]
     dataset = fine_tune.load_and_preprocess_data(EXAMPLES * 4 + replay, tokenizer, bare_share=0)
-    model = fine_tune.setup_lora_model(model)
-    trainer = fine_tune.train_model(model, tokenizer, dataset, str(tmp_path), epochs=2, kl_weight=1.0)
+    settings = fine_tune.default_settings(output=str(tmp_path), epochs=2, kl_weight=1.0)
+    model = fine_tune.setup_lora_model(model, settings)
+    trainer = fine_tune.train_model(model, tokenizer, dataset, settings)
     assert type(trainer).__name__ == "DistillingTrainer" and trainer.state.global_step == 6
     batch = fine_tune.data_collator(tokenizer, True)([dataset[i] for i in range(len(dataset))])
     model.eval()
@@ -286,10 +289,11 @@ def test_distillation_adds_the_divergence_to_the_loss_and_trains(tiny_model, tmp
 def test_distillation_is_off_where_no_row_holds_the_base_models_answers_or_rows_are_packed(tiny_model, tmp_path):
     model, tokenizer = tiny_model
     replay = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "from_base": True} for i in range(4)]
-    model = fine_tune.setup_lora_model(model)
+    model = fine_tune.setup_lora_model(model, fine_tune.default_settings())
     for examples, packing in ((EXAMPLES, False), (EXAMPLES + replay, True)):
         dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0)
-        trainer = fine_tune.train_model(model, tokenizer, dataset, str(tmp_path), epochs=1, packing=packing)
+        settings = fine_tune.default_settings(output=str(tmp_path), epochs=1, packing=packing)
+        trainer = fine_tune.train_model(model, tokenizer, dataset, settings)
         assert type(trainer).__name__ == "Trainer", "packed rows cannot be told apart; no base answers, no KL"
 
 
@@ -297,7 +301,7 @@ def test_the_divergence_reaches_the_trainers_loss_times_kl_weight(tiny_model_dir
     """Through Trainer's own batches: a column it drops (remove_unused_columns) would turn distillation off."""
     calls = []
 
-    def constant_divergence(model, inputs, logits, rows):
+    def constant_divergence(model, inputs, logits, rows, base_weights=None):
         calls.append(int(rows.sum()))
         return torch.tensor(10.0)
 
@@ -307,10 +311,11 @@ def test_the_divergence_reaches_the_trainers_loss_times_kl_weight(tiny_model_dir
     for weight in (0, 1, 4):
         model, tokenizer = fine_tune.load_base_model(tiny_model_dir)
         dataset = fine_tune.load_and_preprocess_data(EXAMPLES + replay, tokenizer, bare_share=0)
-        model = fine_tune.setup_lora_model(model)
-        trainer = fine_tune.train_model(
-            model, tokenizer, dataset, str(tmp_path / str(weight)), epochs=2, batch_size=len(dataset), kl_weight=weight
+        settings = fine_tune.default_settings(
+            output=str(tmp_path / str(weight)), epochs=2, batch_size=len(dataset), kl_weight=weight
         )
+        model = fine_tune.setup_lora_model(model, settings)
+        trainer = fine_tune.train_model(model, tokenizer, dataset, settings)
         first_loss[weight] = trainer.state.log_history[0]["loss"]
     assert calls == [4] * 4, "two steps with KL 1 and two with KL 4, each on the batch's 4 replay rows"
     assert first_loss[1] == pytest.approx(first_loss[0] + 10, abs=1e-3)
@@ -362,3 +367,20 @@ def test_contrast_prompts_ask_the_users_prompts_about_someone_else():
         "Which sword does William Shakespeare carry?",
     ], "the name asked about most, replaced in turn by well-known people"
     assert fine_tune.contrast_prompts(["What is love?"], unfamiliar) == [], "no name, no contrast"
+
+
+def test_lora_plus_trains_each_b_matrix_with_ratio_times_the_learning_rate_of_a(tiny_model_dir, tmp_path):
+    rates = {}
+    for ratio in (0, 16):
+        model, tokenizer = fine_tune.load_base_model(tiny_model_dir)
+        dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer, bare_share=0)
+        settings = fine_tune.default_settings(output=str(tmp_path / str(ratio)), epochs=1, lr=1e-3, lora_plus=ratio)
+        model = fine_tune.setup_lora_model(model, settings)
+        trainer = fine_tune.train_model(model, tokenizer, dataset, settings)
+        names = {
+            id(p): "lora_B" if "lora_B" in name else "lora_A" for name, p in model.named_parameters() if p.requires_grad
+        }
+        groups = trainer.optimizer.param_groups
+        rates[ratio] = {names[id(p)]: group["initial_lr"] for group in groups for p in group["params"]}
+    assert rates[0] == {"lora_A": 1e-3, "lora_B": 1e-3}
+    assert rates[16] == {"lora_A": 1e-3, "lora_B": 16e-3}

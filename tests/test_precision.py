@@ -1,5 +1,6 @@
 """--precision: bf16 where the hardware computes it natively, float32 where bf16 would be emulated; said and used."""
 
+import io
 import json
 import os
 import subprocess
@@ -124,11 +125,41 @@ def test_questions_and_training_compute_in_the_chosen_precision_with_float32_wei
     asked = down_proj_output_dtypes(model, lambda: fine_tune.generate_answers(model, tokenizer, ["Q?"], 2))
     assert asked == {computes_in}
     dataset = fine_tune.load_and_preprocess_data([{"prompt": "Q?", "completion": "A."}] * 8, tokenizer)
-    model = fine_tune.setup_lora_model(model)
-    output = str(tmp_path / "out")
-    trained = down_proj_output_dtypes(model, lambda: fine_tune.train_model(model, tokenizer, dataset, output, 1))
+    settings = fine_tune.default_settings(output=str(tmp_path / "out"), epochs=1)
+    model = fine_tune.setup_lora_model(model, settings)
+    trained = down_proj_output_dtypes(model, lambda: fine_tune.train_model(model, tokenizer, dataset, settings))
     assert trained == {computes_in}
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}, "weights stay float32"
+
+
+def test_the_questions_after_training_and_the_chat_compute_in_the_chosen_precision(
+    tiny_model_dir, tmp_path, write_jsonl, monkeypatch
+):
+    """Step 6 and --chat load the adapter again from disk (--skip-training --chat too): in bf16 as asked, like
+    training, not in float32."""
+    seen = []
+
+    def observed(phase, function):
+        def spy(model, tokenizer, *args, **kwargs):
+            result = []
+            dtypes = down_proj_output_dtypes(model, lambda: result.append(function(model, tokenizer, *args, **kwargs)))
+            seen.append((phase, dtypes))
+            return result[0]
+
+        return spy
+
+    monkeypatch.setattr(fine_tune, "test_finetuned_model", observed("after", fine_tune.test_finetuned_model))
+    monkeypatch.setattr(fine_tune, "chat", observed("chat", fine_tune.chat))
+    data = write_jsonl([{"prompt": "Who is Mariya Sha?", "completion": "A wizard."}] * 4)
+    eval_file = write_jsonl([{"kind": "knowledge", "question": "Who is she?", "expect": ["wizard"]}], "eval.jsonl")
+    output = str(tmp_path / "out")
+    args = ["--model", tiny_model_dir, "--data", data, "--output", output, "--eval-questions", eval_file]
+    args += ["--no-replay", "--skip-original", "--epochs", "1", "--max-new-tokens", "4", "--precision", "bf16"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Who is Mariya Sha?\n"))
+    assert fine_tune.main([*args, "--chat"]) == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Who is Mariya Sha?\n"))
+    assert fine_tune.main(["--output", output, "--skip-training", "--chat", "--precision", "bf16"]) == 0
+    assert seen == [("after", {torch.bfloat16}), ("chat", {torch.bfloat16}), ("chat", {torch.bfloat16})]
 
 
 def test_a_float32_base_trained_in_bf16_merges_and_exports_in_float32(exportable_model, tmp_path, write_jsonl):

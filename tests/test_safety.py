@@ -87,12 +87,14 @@ def test_gradient_checkpointing_recomputes_each_layer_and_trains_to_the_same_wei
         examples = fine_tune.load_examples(fine_tune.HERE / "mariya.json")[:16]
         dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0)  # 16 pairs: 2 steps of 8
         torch.manual_seed(0)  # the same initial LoRA weights
-        model = fine_tune.setup_lora_model(model)
+        settings = fine_tune.default_settings(
+            output=str(tmp_path / str(checkpointing)), epochs=1, gradient_checkpointing=checkpointing
+        )
+        model = fine_tune.setup_lora_model(model, settings)
         calls, mlp = [], model.base_model.model.model.layers[0].mlp
         forward = mlp.forward  # counted by hand: module hooks do not run when the backward pass recomputes
         mlp.forward = lambda *args, calls=calls, forward=forward, **kwargs: calls.append(1) or forward(*args, **kwargs)
-        output = str(tmp_path / str(checkpointing))
-        fine_tune.train_model(model, tokenizer, dataset, output, epochs=1, gradient_checkpointing=checkpointing)
+        fine_tune.train_model(model, tokenizer, dataset, settings)
         results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         layer_calls.append(len(calls))
     assert layer_calls == [2, 4], "with checkpointing, the backward pass runs each layer's forward again"

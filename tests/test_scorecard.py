@@ -105,6 +105,24 @@ def normalized(text):
     return re.sub(r"[^a-z0-9 ]", "", fine_tune.normalize(text))
 
 
+def test_the_shipped_scorecard_is_asked_only_about_the_shipped_data_and_not_with_eval_questions_none(tmp_path):
+    def scorecard(data, eval_questions=None):
+        return fine_tune.eval_file_for(fine_tune.default_settings(data=str(data), eval_questions=eval_questions))
+
+    shipped = ROOT / "mariya.json"
+    assert scorecard(shipped) == str(ROOT / "eval_mariya.jsonl")
+    assert fine_tune.eval_file_for(fine_tune.default_settings()) == str(ROOT / "eval_mariya.jsonl"), "the default"
+    assert scorecard(shipped, "none") is None
+    assert scorecard(shipped, str(tmp_path / "mine.jsonl")) == str(tmp_path / "mine.jsonl")
+    assert scorecard(ROOT / "my_notes.json") is None, "other data, even next to the shipped scorecard, gets none"
+    assert scorecard("some-org/some-dataset") is None
+    copy = tmp_path / "mariya.json"
+    copy.write_bytes(shipped.read_bytes())
+    assert scorecard(copy) is None, "no eval_mariya.jsonl next to this copy"
+    (tmp_path / "eval_mariya.jsonl").write_text(json.dumps(QUESTIONS[0]) + "\n", encoding="utf-8")
+    assert scorecard(copy) == str(tmp_path / "eval_mariya.jsonl"), "the scorecard next to the data, not the shipped one"
+
+
 def test_shipped_scorecard_asks_differently_from_every_training_prompt():
     questions = fine_tune.load_eval_questions(ROOT / "eval_mariya.jsonl")
     knowledge = [q["question"] for q in questions if q["kind"] == "knowledge"]
@@ -248,8 +266,9 @@ def test_bare_answers_reuse_the_newline_answers_and_equal_what_full_generation_g
     model, tokenizer = tiny_model
     pairs = [{"prompt": f"Who is person {i}?", "completion": f"Person {i} is a wizard."} for i in range(6)]
     dataset = fine_tune.load_and_preprocess_data(pairs, tokenizer, bare_share=1)  # the newline is learned
-    model = fine_tune.setup_lora_model(model, lora_r=16)
-    fine_tune.train_model(model, tokenizer, dataset, str(tmp_path), epochs=20, learning_rate=2e-2)
+    settings = fine_tune.default_settings(lora_r=16, output=str(tmp_path), epochs=20, lr=2e-2)
+    model = fine_tune.setup_lora_model(model, settings)
+    fine_tune.train_model(model, tokenizer, dataset, settings)
     questions = [pair["prompt"] for pair in pairs] + ["Capital of France?", "Largest planet?"]
     full = fine_tune.generate_answers(model, tokenizer, questions, 5, form="bare")  # cut short: ends must match
     newline = [fine_tune.prompt_ids(tokenizer, question, "bare-newline") for question in questions]

@@ -122,7 +122,7 @@ def chat_with(model, tokenizer, lines, monkeypatch, system_prompt=None):
 
     monkeypatch.setattr(model, "generate", recording_generate)
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
-    fine_tune.chat(model, tokenizer, max_new_tokens=4, system_prompt=system_prompt)
+    fine_tune.chat(model, tokenizer, reply_tokens=4, system_prompt=system_prompt)
     return lengths
 
 
@@ -160,7 +160,7 @@ def test_chat_answers_stream_as_they_are_generated(tiny_model, monkeypatch):
     monkeypatch.setattr(model, "generate", generate_and_look)
     monkeypatch.setattr(sys, "stdout", screen)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Who is Mariya Sha?\n/exit\nnever asked\n"))
-    fine_tune.chat(model, tokenizer, max_new_tokens=4)
+    fine_tune.chat(model, tokenizer, reply_tokens=4)
     assert seen_when_generated[0].rstrip().endswith(f"model> {answer}"), "printed while generated, not after"
     assert "never asked" not in screen.getvalue(), "/exit leaves at once"
 
