@@ -172,8 +172,12 @@ def run(args, held):
     precision, why = choose_precision(args.precision)
     print(describe_precision(precision, why))
     resume_from, fingerprint = prepare_output(args, held, base_model, inputs["source"])
-    loading = {"trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle, "precision": precision}
-    loading["load_in_4bit"] = args.load_in_4bit
+    loading = dict(  # how this run loads every model: the base model, and the fine-tuned one after training
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+        load_in_4bit=args.load_in_4bit,
+        precision=precision,
+    )
     remember = answers_folder(args.cache_dir, base_model, precision)  # the base model's answers, between runs
     facts = {"precision": {"used": precision, "why": why}}  # what report.json tells beside the scores
 

@@ -67,6 +67,7 @@ def test_f32_export_reads_back_as_the_same_model_and_tokenizer(exportable_model,
     assert tokenizer.apply_chat_template(MESSAGES, **chat) == original_tokenizer.apply_chat_template(MESSAGES, **chat)
 
 
+@pytest.mark.slow  # 45 s on 2 cores: four exports, each read back in transformers
 def test_every_type_is_as_small_as_it_promises_and_close(exportable_model, tmp_path):
     """Tensor data: f16 and bf16 half of f32, q8_0 34/128 (32 values and a 2-byte scale a block); norms stay F32."""
     model_dir = exportable_model("llama")

@@ -23,6 +23,7 @@ def full_args(model_dir, data, output, *extra, full=True):
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # trains, exports to GGUF, asks llama.cpp and a fresh process: 13 s on 2 cores
 def test_full_fine_tuning_changes_every_weight_and_saves_a_model_that_answers_in_a_fresh_process(
     exportable_model, tmp_path, write_jsonl
 ):
@@ -79,6 +80,7 @@ def test_full_fine_tuning_distills_against_the_weights_it_started_from(tiny_mode
     assert any(not torch.equal(start[name], p) for name, p in model.named_parameters())
 
 
+@pytest.mark.slow  # three trainings
 def test_a_killed_full_run_resumes_to_the_model_of_an_uninterrupted_run(tiny_model_dir, tmp_path, write_jsonl):
     """The base weights that the KL term compares with are the base model's, not the checkpoint's."""
     prompts = tmp_path / "prompts.txt"
