@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # each test trains the tiny model two or three ti
 def train_args(model_dir, output, *extra):
     return [
         "--model", model_dir, "--output", output, "--eval-questions", "none",
-        "--no-replay", "--skip-original", "--seed", "3", *extra,
+        "--no-replay", "--skip-original", "--seed", "3", "--compile", "off", *extra,
     ]  # fmt: skip
 
 
@@ -51,7 +51,7 @@ def adapter_weights(folder):
 
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_it(tiny_model_dir, tmp_path):
     output = tmp_path / "out"
-    args = train_args(tiny_model_dir, output, "--epochs", "4", "--save-steps", "5", "--compile", "off")
+    args = train_args(tiny_model_dir, output, "--epochs", "4", "--save-steps", "5")
     process = start(*args)
     wait_for(lambda: (output / "checkpoint-5" / fine_tune.RUN_FINGERPRINT).exists(), process)  # training runs
     os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
