@@ -300,7 +300,8 @@ def closed_hub(monkeypatch):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    proxies = [f"{scheme}_proxy" for scheme in ("http", "https", "all")]  # a proxy would hide the closed port
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", *proxies, *map(str.upper, proxies)):
         monkeypatch.delenv(name, raising=False)
     # Both libraries read the environment once, at import: their constants are what they consult.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

@@ -149,6 +149,16 @@ def test_a_hub_out_of_reach_is_named_with_the_bundled_model_at_once(closed_hub, 
     assert connections == [("127.0.0.1", int(endpoint.rsplit(":", 1)[1]))], "the probe alone, no download tried"
 
 
+def test_behind_a_proxy_the_hub_probe_leaves_the_verdict_to_huggingface_hub(closed_hub, monkeypatch):
+    """The probe connects directly; where only a proxy reaches the Hub it would call a reachable Hub unreachable."""
+    _, connections = closed_hub
+    assert fine_tune.unreachable_hub() == "127.0.0.1"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    assert fine_tune.unreachable_hub() is None
+    assert len(connections) == 1, "no probe behind the proxy"
+
+
 def test_missing_local_model_folder(tmp_path, write_jsonl, capsys):
     data = write_jsonl([json.loads(GOOD)])
     assert fine_tune.main(["--model", str(tmp_path / "nope"), "--data", data, "--output", str(tmp_path / "o")]) == 2
