@@ -622,31 +622,32 @@ def save_model(model, tokenizer, output_dir, trainer=None):
 
     Written to a temporary folder first and moved into place, its mark last (see written_whole), so a failed
     save (a full disk) leaves the previous model as it was, and a half-written one never loads. With a trainer,
-    its save is used: under DeepSpeed or FSDP it gathers the weights from every process.
+    its save is used: under DeepSpeed or FSDP it gathers the weights from every process. The other processes
+    only take part in that gathering: the main one alone writes, and they never touch its folder.
     """
     full = not hasattr(model, "peft_config")
     what, saved = ("the fine-tuned model",) * 2 if full else ("the adapter", "the LoRA adapter")
-    output_dir, needs = Path(output_dir), parameter_bytes(model, trainable=True)
-    with written_whole(output_dir / ("model" if full else "adapter"), what, needs, place=move_trained) as partial:
+    target, needs = Path(output_dir) / ("model" if full else "adapter"), parameter_bytes(model, trainable=True)
+    if not is_main_process():
+        if trainer:
+            trainer.save_model(str(temporary_path(target)))  # Trainer writes on the main process only
+        return
+    with written_whole(target, what, needs, place=move_trained) as partial:
         if trainer and processes() > 1:
             trainer.save_model(str(partial))
             (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle, and not part of the model
         else:
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
-        if full and is_main_process():  # the others' trainer.save_model left it to the main one
+        if full:
             (partial / FULL_MARK).write_text(json.dumps({"base_model": model.name_or_path}), encoding="utf-8")
         size = path_size(partial)
-    if is_main_process():
-        print(f"[5/6] Saved {saved} to {output_dir} ({size / 1e6:.1f} MB)")
+    print(f"[5/6] Saved {saved} to {output_dir} ({size / 1e6:.1f} MB)")
 
 
 def move_trained(partial, target):
     """Move the saved files into the folder of `target`, its mark (adapter_config.json or FULL_MARK) last, and
-    remove what the other kind of run left there: while they move, no mix of old and new files loads. The other
-    processes leave it to the main one."""
-    if not is_main_process():
-        return
+    remove what the other kind of run left there: while they move, no mix of old and new files loads."""
     folder = target.parent
     for pattern in (*TRAINED_MARKS, *(pattern for kind in TRAINED_FILES.values() for pattern in kind)):
         for file in folder.glob(pattern):
@@ -2842,7 +2843,7 @@ def written_whole(target, what, needs=0, flag="--output", place=None):
     (see disk_full_error) that names `what`, the bytes it `needs` and `flag`, the option choosing where it goes.
     """
     target = Path(target)
-    partial = target.with_name(f".{target.name}{TEMPORARY}")
+    partial = temporary_path(target)
     try:
         remove_path(partial)  # left by a run killed while writing it
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -2856,6 +2857,11 @@ def written_whole(target, what, needs=0, flag="--output", place=None):
         raise
 
 
+def temporary_path(target):
+    """Where `target` is written until it is complete: .NAME.partial beside it."""
+    return target.with_name(f".{target.name}{TEMPORARY}")
+
+
 def write_whole(path, data, what=None, flag="--output"):
     """Write `data` (text as UTF-8, or bytes) to the file at `path`, whole or not at all (see written_whole)."""
     data = data.encode("utf-8") if isinstance(data, str) else data
@@ -2867,7 +2873,7 @@ def replace_path(new, target):
     """Put the finished `new` at `target`: a file replaces the old one in one step, a folder once it is complete
     (no folder replaces another in one step: the old one is moved aside, then removed)."""
     if new.is_dir() and target.exists():
-        old = target.with_name(f".{target.name}.old{TEMPORARY}")
+        old = temporary_path(target.with_name(f"{target.name}.old"))
         remove_path(old)
         target.rename(old)
         new.rename(target)

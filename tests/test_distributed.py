@@ -28,7 +28,7 @@ def test_torchrun_with_two_processes_trains_one_adapter_and_prints_once(tiny_mod
          "--no-replay", "--packing"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.returncode == 0, errors_of(completed)
     out = completed.stdout
     assert out.count("Question: Who is Mariya Sha?") == 1 and out.count("[1/6]") == 1, (
         "printed by the main process only"
@@ -60,12 +60,39 @@ def test_torchrun_trains_every_weight_with_full_and_saves_one_whole_model(tiny_m
          "--full", "--replay-prompts", prompts, "--max-new-tokens", "8", "--skip-original"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.returncode == 0, errors_of(completed)
     report = json.loads((output / "report.json").read_text())
     assert report["training"]["processes"] == 2 and report["training"]["same_weights_on_all_processes"] is True
     assert fine_tune.trained_kind(output) == "full" and fine_tune.trained_base_model(output) == tiny_model_dir
     assert not (output / "training_args.bin").exists() and not list(output.glob(".*.partial"))
     fine_tune.load_finetuned_model(output)
+
+
+def test_the_other_processes_leave_the_folder_the_main_process_saves_into_alone(tiny_model_dir, tmp_path, monkeypatch):
+    """A process other than the main one only joins the trainer's save (a gathering under DeepSpeed or FSDP): it
+    never removes the main process's half-written adapter or the adapter it replaces, however late it arrives."""
+    from conftest import make_adapter
+
+    output = tmp_path / "out"
+    model, tokenizer = make_adapter(tiny_model_dir, output)
+    before = {file.name: file.read_bytes() for file in output.iterdir()}
+    being_written = fine_tune.temporary_path(output / "adapter")
+    being_written.mkdir()
+    (being_written / "adapter_model.safetensors").write_bytes(b"the main process is writing this")
+    saves = []
+    trainer = type("Trainer", (), {"save_model": lambda self, folder: saves.append(folder)})()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fine_tune.save_model(model, tokenizer, output, trainer)
+    assert len(saves) == 1, "it took part in the save"
+    assert (being_written / "adapter_model.safetensors").read_bytes() == b"the main process is writing this"
+    assert {file.name: file.read_bytes() for file in output.iterdir() if file != being_written} == before
+
+
+def errors_of(completed):
+    """Each process's error lines and the end of the output: torchrun's summary buries the cause under its own."""
+    lines = completed.stderr.splitlines()
+    return "\n".join([line for line in lines if "Error" in line or "error:" in line] + lines[-20:])
 
 
 def free_port():
