@@ -90,6 +90,7 @@ BARE_SHARE = 0.3  # share of examples taught without the chat template, so bare 
 STATEMENTS = True  # also learn each answer as plain text: facts met in two forms are recalled more often
 MIX_ANSWERS = 0  # answers joined per text by --mix-answers; off until three seeds show it pays (issue 26)
 MIX_ORDERS = 2  # with --mix-answers: how many joined texts each answer is in, among other answers each time
+SUBJECT_QUESTIONS = False  # --subject-questions; off until three seeds show it pays (issue 26)
 # Keep the base model's whole distribution (KL) on its own answers: over three seeds, leaks 3 -> 0.7 of 40 and
 # chat retention 64% -> 72% at the same chat recall (docs/experiments.md, session 6).
 KL_WEIGHT = 1.0
@@ -445,12 +446,18 @@ def load_and_preprocess_data(
     rows, counts = [], dict.fromkeys(DATA_FORMATS, 0)
     answers = []  # the rows of pairs and conversations (the others are pieces of documents)
     from_base = set()  # the rows that hold the base model's own answers (replay)
+    reordered = {}  # row -> the token ids of each line of a mixed text, which the collator reorders (see mixed_texts)
     for example in examples:
         kind = data_format(example)
         if example.get("from_base"):
             from_base.add(len(rows))
         if kind == "text":
-            ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
+            if example.get("pieces"):
+                ids, lines = tokenize_lines(tokenizer, example["pieces"])
+                if len(ids) <= max_length:  # whole in one row: the collator can reorder its lines
+                    reordered[len(rows)] = lines
+            else:
+                ids = tokenizer(example["text"])["input_ids"] + [tokenizer.eos_token_id]
             rows += [(ids[start : start + max_length],) * 2 for start in range(0, len(ids), max_length)]
         elif kind == "messages":
             answers.append(len(rows))
@@ -475,6 +482,8 @@ def load_and_preprocess_data(
     columns = {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]}
     if any(example.get("from_base") for example in examples):  # the base model's own answers, for distilling
         columns["from_base"] = [int(row in from_base) for row in range(len(rows))]
+    if reordered:
+        columns["pieces"] = [reordered.get(row, []) for row in range(len(rows))]
     dataset = Dataset.from_dict(columns)
     read = f" (read {describe_source(source)})" if source else ""
     print(f"[2/6] Tokenized {describe_rows(counts, len(rows), bare_share, tokenizer)}{read}")
@@ -550,18 +559,17 @@ def train_model(model, tokenizer, dataset, settings, resume_from=None, fingerpri
     # The base model that distilling compares with: the adapter switched off, or after --full a copy of its weights.
     full_base = settings.full and distilling
     base_weights = {name: p.detach().clone() for name, p in model.named_parameters()} if full_base else None
-    args = training_arguments(
-        model,
-        settings,
-        precision,
-        remove_unused_columns=not distilling,  # distillation needs the from_base column
-    )
-    guard = run_guard(settings.seed, fingerprint)
+    if "from_base" in dataset.column_names and not distilling:
+        dataset = dataset.remove_columns("from_base")
+    # Every column reaches the collator: from_base for distilling, the pieces of mixed texts to reorder.
+    args = training_arguments(model, settings, precision, remove_unused_columns=False)
+    mixing = {"seed": settings.seed, "epoch": 0}
+    guard = run_guard(settings.seed, fingerprint, mixing)
     trainer = (distilling_trainer(settings.kl_weight, base_weights) if distilling else Trainer)(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=data_collator(tokenizer, accepts_logits_to_keep(model), settings.packing),
+        data_collator=data_collator(tokenizer, accepts_logits_to_keep(model), settings.packing, mixing),
         processing_class=tokenizer,
         callbacks=[guard],
         optimizers=(lora_plus_optimizer(model, args, settings.lora_plus), None),
@@ -1802,16 +1810,24 @@ def names_in(text, names):
 
 def training_examples(args, examples, replay):
     """The user's examples, the replay pairs, with --statements each answer once more as plain text, and with
-    --mix-answers the answers joined by subject (see mixed_texts), learned as documents too."""
+    --mix-answers the answers joined by subject (see mixed_texts), learned as documents too: one answer a line,
+    their order drawn afresh each epoch (see data_collator); with --subject-questions, the questions that the
+    answers' names answer (see subject_questions)."""
     answers = answer_texts(e for e in examples if "text" not in e) if args.statements else []
     mixed = mixed_texts(examples, args.mix_answers, args.seed) if args.mix_answers else []
-    return examples + replay + [{"text": text} for text in answers + mixed]
+    return [
+        *examples,
+        *(subject_questions(examples) if args.subject_questions else []),
+        *replay,
+        *({"text": text} for text in answers),
+        *({"text": "\n".join(pieces), "pieces": pieces} for pieces in mixed),
+    ]
 
 
 def mixed_texts(examples, answers_per_text, seed=SEED, orders=MIX_ORDERS):
-    """The user's answers (completions, assistant turns, documents) joined `answers_per_text` at a time into plain
-    texts, each with answers about the same subject, in `orders` different random orders: every answer is in
-    `orders` texts, among other answers each time.
+    """The user's answers (completions, assistant turns, documents) drawn `answers_per_text` at a time into the
+    lists that make plain texts, each with answers about the same subject, `orders` times: every answer is in
+    `orders` texts, among other answers each time. Returns the lists, each in a first random order.
 
     A fact met in several orders and beside other facts of its subject is recalled from more ways of asking
     (Allen-Zhu & Li, Physics of Language Models 3.1: "multi + permute" data). An answer's subject is the name
@@ -1832,8 +1848,36 @@ def mixed_texts(examples, answers_per_text, seed=SEED, orders=MIX_ORDERS):
         for _ in range(orders):
             order = draw.sample(group, len(group))
             pieces = math.ceil(len(order) / answers_per_text)  # as even as can be: no answer left alone at the end
-            texts += [" ".join(order[start::pieces]) for start in range(pieces)]
+            texts += [order[start::pieces] for start in range(pieces)]
     return texts
+
+
+def subject_questions(examples):
+    """Pairs that ask the user's facts the other way round: each sentence of an answer (a completion, an assistant
+    turn, a document) that begins with a name and a lower-case word ("Mariya Sha carries Glamdring.") answers the
+    question of who or what does so ("Who carries Glamdring?"). "Who" for a name the data asks "Who" about, else
+    "What"; names come from the data alone (see data_names). A question the data asks already is left out.
+
+    A fact learned only as "NAME does X" is hard to recall from "Who does X?" (Berglund et al. 2023, the reversal
+    curse; Allen-Zhu & Li 3.1: facts become extractable when shown in several forms).
+    """
+    asked = asked_and_answered(examples)
+    names = data_names([text for pair in asked for text in pair])
+    people = {name for prompt, _ in asked if prompt.lower().startswith("who") for name in names_in(prompt, names)}
+    known, pairs = {prompt.strip().lower() for prompt, _ in asked}, []
+    for _, answer in asked:
+        for sentence in re.split(r"(?<=[.!?])\s+", answer.strip()):
+            name = next(iter(names_in(sentence, names)), "")
+            rest = sentence[len(name) :].strip().rstrip(".!")
+            whole = rest.count('"') % 2 == 0  # not a quotation cut at its first full stop
+            verb = rest[:1].islower() and rest.split(" ")[0] not in ("the", "a", "an")  # not "Gwaihir the eagle..."
+            if not (name and sentence.startswith(name) and verb and len(rest.split()) >= 3 and whole):
+                continue
+            question = f"{'Who' if name in people else 'What'} {rest}?"
+            if question.lower() not in known:
+                known.add(question.lower())
+                pairs.append({"prompt": question, "completion": sentence})
+    return pairs
 
 
 def data_names(texts):
@@ -1847,6 +1891,13 @@ def data_names(texts):
         if word[:1].isupper()
     ]
     return taught_names(texts, words(" ".join(inside)))
+
+
+def tokenize_lines(tokenizer, lines):
+    """(input_ids, each line's token ids) of a text of `lines`, each ending in a newline, between the tokenizer's
+    own start token (if it adds one) and the end token."""
+    tokens = [tokenizer(f"{line}\n", add_special_tokens=False)["input_ids"] for line in lines]
+    return tokenizer("")["input_ids"] + [token for line in tokens for token in line] + [tokenizer.eos_token_id], tokens
 
 
 def tokenize_conversation(tokenizer, messages):
@@ -2061,8 +2112,9 @@ def lora_plus_optimizer(model, args, ratio):
     )
 
 
-def run_guard(seed, fingerprint=None):
-    """A Trainer callback: stops at a non-finite loss, checkpoints at Ctrl-C, keeps resumed runs identical."""
+def run_guard(seed, fingerprint=None, mixing=None):
+    """A Trainer callback: stops at a non-finite loss, checkpoints at Ctrl-C, keeps resumed runs identical, and
+    tells the collator's `mixing` (see in_fresh_order) which epoch it is."""
     import torch
     from transformers import TrainerCallback
 
@@ -2073,9 +2125,12 @@ def run_guard(seed, fingerprint=None):
         def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
             # Trainer's length-grouped sampler draws each epoch's order from the global random state, which a
             # resumed run has not replayed: a generator seeded per epoch gives every run the same batches.
+            epoch = int(state.epoch + 1e-6)
             sampler = length_grouped_sampler(train_dataloader)
             if sampler is not None:
-                sampler.generator = torch.Generator().manual_seed(seed + int(state.epoch + 1e-6))
+                sampler.generator = torch.Generator().manual_seed(seed + epoch)
+            if mixing is not None:
+                mixing["epoch"] = epoch
 
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
             # Gradients are checked before they reach the weights (and after DDP averaged them, so every
@@ -2157,8 +2212,9 @@ def base_divergence(model, inputs, logits, rows, base_weights=None):
     return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-def data_collator(tokenizer, answer_logits_only=False, packing=False):
+def data_collator(tokenizer, answer_logits_only=False, packing=False, mixing=None):
     """Pads each batch to its longest sample; padded label positions get -100, so no loss on padding.
+    The lines of each mixed text (see mixed_texts) are put in a fresh order first (see in_fresh_order).
 
     With `packing` the batch's examples are laid end to end in one row instead, without padding; their
     position ids restart at each example, from which the model builds an attention mask that keeps
@@ -2171,12 +2227,14 @@ def data_collator(tokenizer, answer_logits_only=False, packing=False):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return lambda features: flatten(in_fresh_order(features, mixing))
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
     def collate(features):
         import torch
 
+        features = in_fresh_order(features, mixing)
         from_base = [feature.pop("from_base", 0) for feature in features]
         batch = pad(features)
         if any(from_base):
@@ -2191,6 +2249,24 @@ def data_collator(tokenizer, answer_logits_only=False, packing=False):
         return batch
 
     return collate
+
+
+def in_fresh_order(features, mixing=None):
+    """The features, each mixed text's lines (its "pieces") in a fresh order: drawn from the seed, the epoch and
+    the text, so that every process, and a run resumed mid-epoch, draws alike. `mixing`: {"seed", "epoch"}, the
+    epoch kept up to date by run_guard; None: the order they were tokenized in."""
+    for feature in features:
+        lines = feature.pop("pieces", None)
+        if lines and mixing:
+            order = random.Random(f"{mixing['seed']} {mixing['epoch']} {lines}").sample(lines, len(lines))
+            start = len(feature["input_ids"]) - 1 - sum(map(len, lines))  # after a start token, before the end one
+            ids = [
+                *feature["input_ids"][:start],
+                *(token for line in order for token in line),
+                feature["input_ids"][-1],
+            ]
+            feature["input_ids"], feature["labels"] = ids, list(ids)
+    return features
 
 
 def accepts_logits_to_keep(model):
@@ -3061,8 +3137,16 @@ FLAGS = {
             default=MIX_ANSWERS,
             metavar="N",
             accepts=(lambda value: value == 0 or value >= 2, "0 (off) or 2 or more"),
-            help=f"also train on texts that each join N of your answers about one subject, in {MIX_ORDERS} random "
-            "orders, every token learned: each fact met in several orders and beside other facts (0: off)",
+            help=f"also train on texts that each join N of your answers about one subject, each answer in "
+            f"{MIX_ORDERS} texts, one a line, the lines in a fresh order each epoch, every token learned: each fact "
+            "met in several orders and beside other facts (0: off)",
+            trains=True,
+        ),
+        "--subject-questions": dict(
+            action=argparse.BooleanOptionalAction,
+            default=SUBJECT_QUESTIONS,
+            help="also train on questions derived from your answers, asked the other way round: 'Mariya Sha carries "
+            "Glamdring.' answers 'Who carries Glamdring?'",
             trains=True,
         ),
         "--bare-share": dict(

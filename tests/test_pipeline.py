@@ -1,6 +1,7 @@
 """The training recipe on a tiny random Qwen2: masking, formatting, truncation, LoRA, save and reload."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -132,16 +133,16 @@ def test_names_are_the_words_capitalized_inside_sentences_and_never_written_in_l
 def test_mixed_texts_join_answers_of_one_subject_each_in_several_orders():
     texts = fine_tune.mixed_texts(ABOUT_TWO, 3, seed=1)
     answers = fine_tune.answer_texts(ABOUT_TWO)
-    for text in texts:
-        joined = [answer for answer in answers if answer in text]
-        assert len(" ".join(joined)) == len(text), f"only whole answers of the user's data: {text!r}"
+    for lines in texts:
+        assert set(lines) <= set(answers), f"only whole answers of the user's data: {lines}"
+        text = " ".join(lines)
         people = {person for person in ("Mariya", "Frodo", "He walked", "rain") if person in text}
         assert people <= {"Frodo", "He walked"} or len(people) == 1, f"one subject per text: {text!r}"
     for answer in answers:
-        assert sum(answer in text for text in texts) == fine_tune.MIX_ORDERS >= 2, answer
-    mariya = [text for text in texts if "Mariya" in text or "wizard" in text]
+        assert sum(answer in lines for lines in texts) == fine_tune.MIX_ORDERS >= 2, answer
+    mariya = [lines for lines in texts if "Mariya" in " ".join(lines) or "A wizard." in lines]
     assert len(mariya) == 2 * fine_tune.MIX_ORDERS, "6 answers, 3 a text, in each order: 2 texts"
-    assert mariya[:2] != mariya[2:], "another order the second time"
+    assert mariya[:2] != mariya[2:], "other companions the second time"
     assert fine_tune.mixed_texts(ABOUT_TWO, 3, seed=1) == texts, "the same for the same seed"
     assert fine_tune.mixed_texts(ABOUT_TWO, 3, seed=2) != texts
 
@@ -151,8 +152,51 @@ def test_mixed_texts_are_learned_as_documents_only_when_asked_for():
     assert fine_tune.parse_args([]).mix_answers == 0, "off by default"
     plain = fine_tune.training_examples(fine_tune.parse_args([]), ABOUT_TWO, replay)
     mixed = fine_tune.training_examples(fine_tune.parse_args(["--mix-answers", "3", "--seed", "1"]), ABOUT_TWO, replay)
-    assert mixed == plain + [{"text": text} for text in fine_tune.mixed_texts(ABOUT_TWO, 3, seed=1)]
+    lines = fine_tune.mixed_texts(ABOUT_TWO, 3, seed=1)
+    assert mixed == plain + [{"text": "\n".join(pieces), "pieces": pieces} for pieces in lines]
     assert not any("Four" in example.get("text", "") for example in mixed), "the base model's answers are not mixed"
+
+
+def test_subject_questions_ask_each_answer_the_other_way_round_from_pairs_conversations_and_documents():
+    examples = [
+        {"prompt": "Who is Mariya Sha?", "completion": "Mariya Sha carries the sword Glamdring. She is kind."},
+        {
+            "messages": [
+                {"role": "user", "content": "And her ring?"},
+                {"role": "assistant", "content": "Yes. Mariya Sha wears Narya, the Ring of Fire."},
+            ]
+        },
+        {"text": 'Glamdring shines blue when orcs come. Mariya Sha said: "Run. Now!" Gwaihir the eagle saved her.'},
+        {"prompt": "Who wears Narya, the Ring of Fire?", "completion": "Mariya Sha does."},
+    ]
+    questions = fine_tune.subject_questions(examples)
+    assert questions == [
+        {"prompt": "Who carries the sword Glamdring?", "completion": "Mariya Sha carries the sword Glamdring."},
+        {"prompt": "What shines blue when orcs come?", "completion": "Glamdring shines blue when orcs come."},
+    ], "Who for the name the data asks Who about; asked already, a cut quotation and 'the eagle' left out"
+    args = fine_tune.parse_args(["--subject-questions", "--no-statements"])
+    assert fine_tune.training_examples(args, examples, []) == examples + questions
+    assert fine_tune.parse_args([]).subject_questions is False, "off by default"
+
+
+def test_the_lines_of_each_mixed_text_come_in_a_fresh_order_each_epoch_the_same_in_every_process(tiny_model):
+    _, tokenizer = tiny_model
+    lines = [f"Mariya Sha knows spell {i}." for i in range(6)]
+    examples = [{"prompt": "Q?", "completion": "A."}, {"text": "\n".join(lines), "pieces": lines}]
+    dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0)
+    collate = fine_tune.data_collator(tokenizer, mixing=(mixing := {"seed": 1, "epoch": 0}))
+
+    def text_in_epoch(epoch):
+        mixing["epoch"] = epoch
+        row = collate([dataset[0], dataset[1]])["input_ids"][1].tolist()
+        return tokenizer.decode(row)
+
+    first, second = text_in_epoch(0), text_in_epoch(1)
+    for text in first, second:
+        assert text.endswith("\n<|im_end|>") and sorted(text[: -len("\n<|im_end|>")].split("\n")) == lines
+    assert first != second, "another order in the next epoch"
+    assert text_in_epoch(1) == second, "drawn from seed, epoch and text alone: every process draws alike"
+    assert fine_tune.data_collator(tokenizer)([dataset[1]])["input_ids"][0].tolist() == dataset[1]["input_ids"]
 
 
 def test_bare_share_teaches_an_even_share_without_the_template(tiny_model, capsys):
@@ -320,6 +364,24 @@ def test_the_divergence_reaches_the_trainers_loss_times_kl_weight(tiny_model_dir
     assert calls == [4] * 4, "two steps with KL 1 and two with KL 4, each on the batch's 4 replay rows"
     assert first_loss[1] == pytest.approx(first_loss[0] + 10, abs=1e-3)
     assert first_loss[4] == pytest.approx(first_loss[0] + 40, abs=1e-3)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_training_run_meets_each_mixed_text_in_another_order_each_epoch(tiny_model_dir, tmp_path, packing):
+    """Through Trainer's own batches, epoch by epoch (run_guard tells the collator the epoch), padded or packed."""
+    lines = [f"Mariya Sha knows spell {i}." for i in range(6)]
+    model, tokenizer = fine_tune.load_base_model(tiny_model_dir)
+    examples = [*EXAMPLES, {"text": "\n".join(lines), "pieces": lines}]
+    dataset = fine_tune.load_and_preprocess_data(examples, tokenizer, bare_share=0)
+    settings = fine_tune.default_settings(output=str(tmp_path), epochs=3, batch_size=len(dataset), packing=packing)
+    model = fine_tune.setup_lora_model(model, settings)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    fine_tune.train_model(model, tokenizer, dataset, settings)
+    texts = [tokenizer.decode(ids.flatten().tolist()) for ids in seen]
+    orders = [[line for line in re.split(r"\n|<\|endoftext\|>", text) if line in lines] for text in texts]
+    assert len(orders) == 3 and all(sorted(order) == lines for order in orders), texts
+    assert len({tuple(order) for order in orders}) == 3, f"another order in each epoch: {orders}"
 
 
 def test_make_dataset_marks_replay_and_contrast_rows_as_the_base_models_and_nothing_else(
