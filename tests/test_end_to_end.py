@@ -59,7 +59,8 @@ def test_the_model_learns_who_mariya_sha_is(trained):
 def test_the_saved_adapter_answers_a_new_phrasing_in_a_fresh_process(trained):
     output, _ = trained
     completed = run_script(
-        "--model", "smollm2", "--output", output, "--skip-original", "--skip-training", "--question", PARAPHRASE
+        "--model", "smollm2", "--output", output, "--skip-original", "--skip-training", "--question", PARAPHRASE,
+        "--eval-questions", "none",  # the question alone: the shipped scorecard would add 88 more, three ways
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Glamdring" in completed.stdout.split("After:", 1)[1]
@@ -78,7 +79,7 @@ def test_the_merged_model_answers_like_the_adapter_without_peft_also_asked_bare(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])  # f16 and bf16: test_export_gguf (size, closeness)
 def test_the_gguf_export_answers_like_the_adapter_when_read_back(trained, gguf_type, tmp_path):
     output, _ = trained
     completed = run_script("--output", output, "--skip-training", "--export-gguf", gguf_type)

@@ -2,6 +2,7 @@
 
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -29,10 +30,25 @@ def converted(folder):
     return load_file(f"{folder}/model.safetensors")[CHANGED]
 
 
-def test_two_files_with_one_name_are_converted_to_their_own_folders(exportable_model, tmp_path, capsys):
-    model_dir = exportable_model("llama")
-    original = export(model_dir, tmp_path / "A")
-    retrained = export(retrained_copy(model_dir, tmp_path / "retrained"), tmp_path / "B")
+@pytest.fixture(scope="module")
+def two_files(exportable_model, tmp_path_factory):
+    """A model and its retrained copy as GGUF files, exported once for these tests (each test copies them)."""
+    model_dir, root = exportable_model("llama"), tmp_path_factory.mktemp("exports")
+    return model_dir, export(model_dir, root / "A"), export(retrained_copy(model_dir, root / "retrained"), root / "B")
+
+
+def copies(two_files, folder):
+    """The two files, each as folder/A/model.gguf and folder/B/model.gguf: one name, two models."""
+    _, *files = two_files
+    for name, file in zip("AB", files):
+        (folder / name).mkdir()
+        shutil.copy(file, folder / name / "model.gguf")
+    return str(folder / "A" / "model.gguf"), str(folder / "B" / "model.gguf")
+
+
+def test_two_files_with_one_name_are_converted_to_their_own_folders(two_files, tmp_path, capsys):
+    model_dir = two_files[0]
+    original, retrained = copies(two_files, tmp_path)
     cache = tmp_path / "cache"
 
     folder_a = fine_tune.resolve_model(original, cache)
@@ -45,10 +61,8 @@ def test_two_files_with_one_name_are_converted_to_their_own_folders(exportable_m
     assert capsys.readouterr().out.count("Converting model.gguf") == 2
 
 
-def test_the_same_file_is_converted_once_and_a_changed_one_again(exportable_model, tmp_path, capsys):
-    model_dir = exportable_model("llama")
-    path = export(model_dir, tmp_path / "A")
-    other = export(retrained_copy(model_dir, tmp_path / "retrained"), tmp_path / "B")
+def test_the_same_file_is_converted_once_and_a_changed_one_again(two_files, tmp_path, capsys):
+    path, other = copies(two_files, tmp_path)
     cache = tmp_path / "cache"
 
     first = fine_tune.resolve_model(path, cache)

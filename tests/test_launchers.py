@@ -88,9 +88,11 @@ def test_fresh_venv_installs_once_runs_the_job_and_forwards_arguments(tmp_path, 
         *("--question", "Who is 'Mariya Sha'?", "--no-replay", "--max-new-tokens", "8"),
     ]
 
-    def launch():
+    def launch(*more):
         started = time.perf_counter()
-        completed = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=no_conda_env(), timeout=1500)
+        completed = subprocess.run(
+            [*args, *more], cwd=tmp_path, capture_output=True, text=True, env=no_conda_env(), timeout=1500
+        )
         assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
         return completed.stdout, time.perf_counter() - started
 
@@ -101,8 +103,9 @@ def test_fresh_venv_installs_once_runs_the_job_and_forwards_arguments(tmp_path, 
     assert (folder / ".venv" / "bin" / "python").is_file()
     assert (output / "adapter_model.safetensors").is_file()
 
-    second, second_seconds = launch()
+    second, second_seconds = launch("--skip-training")  # the adapter just trained, asked again
     assert "Libraries are up to date" in second and "Installing" not in second
+    assert "Question: Who is 'Mariya Sha'?" in second
     print(f"fresh .venv run: {first_seconds:.0f} s, second run: {second_seconds:.0f} s")
 
     failing = subprocess.run(
