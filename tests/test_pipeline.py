@@ -384,6 +384,19 @@ def test_a_training_run_meets_each_mixed_text_in_another_order_each_epoch(tiny_m
     assert len({tuple(order) for order in orders}) == 3, f"another order in each epoch: {orders}"
 
 
+def test_the_learning_rate_follows_the_chosen_schedule(tiny_model_dir, tmp_path):
+    expected = {"linear": [1, 0.75, 0.5, 0.25], "cosine": [1, 0.854, 0.5, 0.146], "constant": [1, 1, 1, 1]}
+    for schedule, shares in expected.items():
+        model, tokenizer = fine_tune.load_base_model(tiny_model_dir)
+        dataset = fine_tune.load_and_preprocess_data(EXAMPLES, tokenizer, bare_share=0)
+        settings = fine_tune.default_settings(
+            output=str(tmp_path / schedule), epochs=4, batch_size=len(dataset), lr_schedule=schedule
+        )
+        trainer = fine_tune.train_model(fine_tune.setup_lora_model(model, settings), tokenizer, dataset, settings)
+        rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+        assert rates == pytest.approx([share * fine_tune.LR for share in shares], rel=1e-2), schedule
+
+
 def test_make_dataset_marks_replay_and_contrast_rows_as_the_base_models_and_nothing_else(
     tiny_model, subset, tmp_path, monkeypatch, capsys
 ):
